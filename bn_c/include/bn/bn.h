@@ -1,0 +1,84 @@
+/*
+ * batchnorm C core: batch statistics, normalization and gradients on a strided
+ * (outer, channels, inner) view of an array. No Python dependency.
+ *
+ * Statistics of channel c are taken over the outer * inner elements of slice [:, c, :].
+ * Strides are in elements (not bytes) and may be negative or zero for inputs.
+ * Statistics and parameters are float64 arrays of length `channels`; a NULL gamma means
+ * scale 1 and a NULL beta means shift 0.
+ *
+ * Results are deterministic: bit-identical for any number of threads.
+ * Every function returns BN_OK or a negative BN_ERR_* code.
+ */
+#ifndef BN_BN_H
+#define BN_BN_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define BN_OK 0
+#define BN_ERR_ARG (-1)   /* a size is negative, or a required pointer is NULL */
+#define BN_ERR_NOMEM (-2) /* scratch space for the partial sums could not be allocated */
+#define BN_ERR_ISA (-3)   /* bn_set_isa: unknown name, or an ISA this CPU/build cannot run */
+
+typedef struct bn_shape {
+    ptrdiff_t outer, channels, inner;
+} bn_shape;
+
+typedef struct bn_strides {
+    ptrdiff_t outer, channel, inner; /* in elements */
+} bn_strides;
+
+/* count = outer * inner values per channel; mean and biased var (length channels). */
+int bn_stats_f32(bn_shape s, const float *x, bn_strides xs, double *mean, double *var);
+int bn_stats_f64(bn_shape s, const double *x, bn_strides xs, double *mean, double *var);
+
+/* Training forward: mean/var <- batch statistics of x, y <- gamma*(x-mean)/sqrt(var+eps)+beta.
+ * y may be x itself (same strides): every element is read before it is written. */
+int bn_forward_train_f32(bn_shape s, const float *x, bn_strides xs, float *y, bn_strides ys,
+                         const double *gamma, const double *beta, double eps, double *mean,
+                         double *var);
+int bn_forward_train_f64(bn_shape s, const double *x, bn_strides xs, double *y, bn_strides ys,
+                         const double *gamma, const double *beta, double eps, double *mean,
+                         double *var);
+
+/* Inference forward with given statistics: y <- gamma*(x-mean)/sqrt(var+eps)+beta. */
+int bn_forward_eval_f32(bn_shape s, const float *x, bn_strides xs, float *y, bn_strides ys,
+                        const double *mean, const double *var, const double *gamma,
+                        const double *beta, double eps);
+int bn_forward_eval_f64(bn_shape s, const double *x, bn_strides xs, double *y, bn_strides ys,
+                        const double *mean, const double *var, const double *gamma,
+                        const double *beta, double eps);
+
+/* Backward. dgamma = sum dy*xhat, dbeta = sum dy (either may be NULL).
+ * training != 0: dx = gamma/sqrt(var+eps) * (dy - dbeta/n - xhat*dgamma/n), where mean/var
+ *                must be the batch statistics of x;
+ * training == 0: dx = dy * gamma/sqrt(var+eps) (frozen statistics).
+ * dx may be NULL (only the parameter gradients), or dy itself (same strides). */
+int bn_backward_f32(bn_shape s, const float *dy, bn_strides dys, const float *x, bn_strides xs,
+                    float *dx, bn_strides dxs, const double *mean, const double *var,
+                    const double *gamma, double eps, int training, double *dgamma,
+                    double *dbeta);
+int bn_backward_f64(bn_shape s, const double *dy, bn_strides dys, const double *x,
+                    bn_strides xs, double *dx, bn_strides dxs, const double *mean,
+                    const double *var, const double *gamma, double eps, int training,
+                    double *dgamma, double *dbeta);
+
+/* Threads: n <= 0 restores the default (OpenMP's, which honours OMP_NUM_THREADS). */
+void bn_set_num_threads(int n);
+int bn_get_num_threads(void);
+int bn_has_openmp(void);
+
+/* Instruction set paths: "baseline", "avx2", "avx512". The active one is chosen once, at
+ * first use, from the CPU and the BATCHNORM_ISA environment variable. */
+const char *bn_active_isa(void);
+int bn_isa_available(const char *name); /* compiled in and supported by this CPU */
+int bn_set_isa(const char *name);       /* BN_OK or BN_ERR_ISA */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

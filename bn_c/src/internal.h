@@ -1,0 +1,51 @@
+/* Shared by the kernel files: work partition, partial-result merges, thread count. */
+#ifndef BN_INTERNAL_H
+#define BN_INTERNAL_H
+
+#include "bn/bn.h"
+
+/* Each kernel file is compiled once per ISA with -DBN_ISA=<name>; only its exported
+ * functions carry the suffix (bn_stats_f32_avx2), everything else is static. */
+#ifndef BN_ISA
+#define BN_ISA baseline
+#endif
+#define BN_CAT3_(a, b, c) a##_##b##_##c
+#define BN_CAT3(a, b, c) BN_CAT3_(a, b, c)
+#define BN_EXPORT(op, tn) BN_CAT3(op, tn, BN_ISA)
+#define BN_CAT2_(a, b) a##_##b
+#define BN_CAT2(a, b) BN_CAT2_(a, b)
+
+/* Elements in one work unit. Small enough that a unit stays in L2 between its two passes,
+ * large enough that the per-unit overhead vanishes. It never depends on the thread count, so
+ * the partial results, merged in a fixed order, are the same for any number of threads. */
+#define BN_UNIT_ELEMS 16384
+/* At most this many channels per unit of the channels-contiguous layout (stack accumulators). */
+#define BN_MAX_CHANNEL_BLOCK 512
+
+/* The (outer, channels, inner) plane of each channel is cut into `parts` pieces.
+ * planar (inner > 1): a unit is (channel, outer block, inner block): runs along inner.
+ * interleaved (inner == 1): a unit is (outer block, channel block): runs across channels. */
+typedef struct bn_tiling {
+    int planar;
+    ptrdiff_t ob, ib, cb;       /* block sizes along outer, inner, channels */
+    ptrdiff_t n_ob, n_ib, n_cb; /* number of blocks along each */
+    ptrdiff_t parts;            /* partial results per channel */
+    ptrdiff_t units;            /* independent work units */
+} bn_tiling;
+
+bn_tiling bn_make_tiling(bn_shape s);
+/* Number of values that partial k of every channel covers. */
+double bn_part_count(const bn_tiling *t, bn_shape s, ptrdiff_t k);
+
+/* Chan's merge of (count, mean, M2) partials, channel by channel, parts in order. */
+void bn_merge_moments(const bn_tiling *t, bn_shape s, const double *pmean, const double *pm2,
+                      double *mean, double *var, int nthreads);
+/* Plain sums of partials, channel by channel, parts in order. */
+void bn_merge_sums(const bn_tiling *t, bn_shape s, const double *part, double *total);
+
+/* Threads to use for a problem of `elems` elements split in `units` units. */
+int bn_threads_for(ptrdiff_t elems, ptrdiff_t units);
+
+int bn_shape_ok(bn_shape s);
+
+#endif

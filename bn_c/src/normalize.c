@@ -1,0 +1,18 @@
+/* Training and inference forward: y = gamma * (x - mean) / sqrt(var + eps) + beta
+ * (compiled once per ISA). */
+#include <math.h>
+#include <stdlib.h>
+
+#include "unit.h"
+
+#define BN_T float
+#define BN_TN f32
+#include "normalize_impl.h"
+#undef BN_T
+#undef BN_TN
+
+#define BN_T double
+#define BN_TN f64
+#include "normalize_impl.h"
+#undef BN_T
+#undef BN_TN

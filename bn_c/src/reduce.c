@@ -1,0 +1,117 @@
+/* Work partition and deterministic merges, shared by every ISA (compiled once). */
+#include "internal.h"
+
+#include <math.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Problems smaller than this run on one thread: below it the fork/join of the OpenMP team
+ * costs more than the work (measured with `python -m batchnorm bench`). */
+#define BN_PARALLEL_MIN_ELEMS 65536
+
+static int requested_threads = 0; /* 0: OpenMP's default */
+
+void bn_set_num_threads(int n) { requested_threads = n > 0 ? n : 0; }
+
+int bn_get_num_threads(void)
+{
+#ifdef _OPENMP
+    return requested_threads > 0 ? requested_threads : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int bn_has_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int bn_threads_for(ptrdiff_t elems, ptrdiff_t units)
+{
+    int n = bn_get_num_threads();
+    if (elems < BN_PARALLEL_MIN_ELEMS) return 1;
+    if (units < n) n = (int)units;
+    return n < 1 ? 1 : n;
+}
+
+int bn_shape_ok(bn_shape s) { return s.outer >= 0 && s.channels >= 0 && s.inner >= 0; }
+
+static ptrdiff_t ceil_div(ptrdiff_t a, ptrdiff_t b) { return b > 0 ? (a + b - 1) / b : 0; }
+static ptrdiff_t min_p(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
+static ptrdiff_t max_p(ptrdiff_t a, ptrdiff_t b) { return a > b ? a : b; }
+
+bn_tiling bn_make_tiling(bn_shape s)
+{
+    bn_tiling t;
+    t.planar = s.inner > 1;
+    if (t.planar) {
+        t.cb = 1;
+        t.ib = min_p(s.inner, BN_UNIT_ELEMS);
+        t.ob = max_p(1, min_p(s.outer, BN_UNIT_ELEMS / t.ib));
+        t.n_cb = s.channels;
+    } else {
+        t.ib = 1;
+        t.cb = max_p(1, min_p(s.channels, BN_MAX_CHANNEL_BLOCK));
+        t.ob = max_p(1, min_p(s.outer, BN_UNIT_ELEMS / t.cb));
+        t.n_cb = ceil_div(s.channels, t.cb);
+    }
+    t.n_ib = max_p(1, ceil_div(s.inner, t.ib));
+    t.n_ob = max_p(1, ceil_div(s.outer, t.ob));
+    t.parts = t.n_ob * t.n_ib;
+    t.units = t.parts * t.n_cb;
+    return t;
+}
+
+double bn_part_count(const bn_tiling *t, bn_shape s, ptrdiff_t k)
+{
+    ptrdiff_t ob = k / t->n_ib, ib = k % t->n_ib;
+    ptrdiff_t rows = min_p(t->ob, s.outer - ob * t->ob);
+    ptrdiff_t len = min_p(t->ib, s.inner - ib * t->ib);
+    return (double)(max_p(rows, 0) * max_p(len, 0));
+}
+
+void bn_merge_moments(const bn_tiling *t, bn_shape s, const double *pmean, const double *pm2,
+                      double *mean, double *var, int nthreads)
+{
+    ptrdiff_t c;
+    (void)nthreads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+#endif
+    for (c = 0; c < s.channels; ++c) {
+        const double *pm = pmean + c * t->parts, *p2 = pm2 + c * t->parts;
+        double n = 0.0, m = 0.0, m2 = 0.0;
+        ptrdiff_t k;
+        for (k = 0; k < t->parts; ++k) {
+            double nb = bn_part_count(t, s, k);
+            if (nb == 0.0) continue;
+            if (n == 0.0) {
+                n = nb, m = pm[k], m2 = p2[k];
+            } else {
+                double nab = n + nb, delta = pm[k] - m;
+                m += delta * (nb / nab);
+                m2 += p2[k] + delta * delta * (n * nb / nab);
+                n = nab;
+            }
+        }
+        mean[c] = n > 0.0 ? m : NAN;
+        var[c] = n > 0.0 ? (m2 > 0.0 ? m2 / n : (m2 == m2 ? 0.0 : m2)) : NAN;
+    }
+}
+
+void bn_merge_sums(const bn_tiling *t, bn_shape s, const double *part, double *total)
+{
+    ptrdiff_t c, k;
+    for (c = 0; c < s.channels; ++c) {
+        double acc = 0.0;
+        for (k = 0; k < t->parts; ++k) acc += part[c * t->parts + k];
+        total[c] = acc;
+    }
+}

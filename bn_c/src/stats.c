@@ -1,0 +1,17 @@
+/* Per-channel batch mean and biased variance (compiled once per ISA). */
+#include <math.h>
+#include <stdlib.h>
+
+#include "unit.h"
+
+#define BN_T float
+#define BN_TN f32
+#include "stats_impl.h"
+#undef BN_T
+#undef BN_TN
+
+#define BN_T double
+#define BN_TN f64
+#include "stats_impl.h"
+#undef BN_T
+#undef BN_TN

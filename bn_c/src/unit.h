@@ -1,0 +1,35 @@
+/* Where a work unit lies in the (outer, channels, inner) view. */
+#ifndef BN_UNIT_H
+#define BN_UNIT_H
+
+#include "internal.h"
+
+typedef struct bn_unit {
+    ptrdiff_t c0, cn;   /* channels [c0, c0 + cn) */
+    ptrdiff_t o0, rows; /* outer rows [o0, o0 + rows) */
+    ptrdiff_t i0, len;  /* inner run [i0, i0 + len) */
+    ptrdiff_t k;        /* index of this unit's partial result within each channel */
+} bn_unit;
+
+static inline ptrdiff_t bn_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
+
+static inline bn_unit bn_unit_at(const bn_tiling *t, bn_shape s, ptrdiff_t u)
+{
+    bn_unit w;
+    ptrdiff_t ob, ib;
+    if (t->planar) {
+        w.c0 = u / t->parts, w.cn = 1, w.k = u % t->parts;
+        ob = w.k / t->n_ib, ib = w.k % t->n_ib;
+    } else {
+        ob = u / t->n_cb, ib = 0, w.k = ob;
+        w.c0 = (u % t->n_cb) * t->cb, w.cn = bn_min(t->cb, s.channels - w.c0);
+    }
+    w.o0 = ob * t->ob, w.rows = bn_min(t->ob, s.outer - w.o0);
+    w.i0 = ib * t->ib, w.len = bn_min(t->ib, s.inner - w.i0);
+    return w;
+}
+
+/* Element (o, c, i) of an array with strides st. */
+#define BN_AT(p, st, o, c, i) ((p) + (o) * (st).outer + (c) * (st).channel + (i) * (st).inner)
+
+#endif

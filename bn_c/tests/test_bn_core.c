@@ -1,0 +1,146 @@
+/* C tests of the core, without Python: known answers on both layouts, every ISA path,
+ * and bit-identical results for 1 and several threads. Run by `meson test`. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bn/bn.h"
+
+static int failures = 0;
+
+#define CHECK(cond, ...)                                                                          \
+    do {                                                                                          \
+        if (!(cond)) {                                                                            \
+            ++failures;                                                                           \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                           \
+            printf(__VA_ARGS__);                                                                  \
+            printf("\n");                                                                         \
+        }                                                                                         \
+    } while (0)
+
+static int close_to(double a, double b, double tol) { return fabs(a - b) <= tol * (1 + fabs(b)); }
+
+/* The mini-batch (4,5,2,1), (3,4,6,0), (1,4,7,9) as (N=3, D=4): interleaved layout. */
+static void test_known_stats(void)
+{
+    const float x[12] = {4, 5, 2, 1, 3, 4, 6, 0, 1, 4, 7, 9};
+    const double want_mean[4] = {8.0 / 3, 13.0 / 3, 5, 10.0 / 3};
+    const double want_var[4] = {14.0 / 9, 2.0 / 9, 14.0 / 3, 146.0 / 9};
+    bn_shape s = {3, 4, 1};
+    bn_strides st = {4, 1, 1};
+    double mean[4], var[4];
+    int c;
+    CHECK(bn_stats_f32(s, x, st, mean, var) == BN_OK, "stats failed");
+    for (c = 0; c < 4; ++c) {
+        CHECK(close_to(mean[c], want_mean[c], 1e-15), "mean[%d] = %.17g", c, mean[c]);
+        CHECK(close_to(var[c], want_var[c], 1e-15), "var[%d] = %.17g", c, var[c]);
+    }
+    /* The same numbers transposed, as (outer=1, C=4, inner=3): planar layout. */
+    {
+        const double xt[12] = {4, 3, 1, 5, 4, 4, 2, 6, 7, 1, 0, 9};
+        bn_shape s2 = {1, 4, 3};
+        bn_strides st2 = {12, 3, 1};
+        CHECK(bn_stats_f64(s2, xt, st2, mean, var) == BN_OK, "stats f64 failed");
+        for (c = 0; c < 4; ++c) {
+            CHECK(close_to(mean[c], want_mean[c], 1e-15), "planar mean[%d] = %.17g", c, mean[c]);
+            CHECK(close_to(var[c], want_var[c], 1e-15), "planar var[%d] = %.17g", c, var[c]);
+        }
+    }
+}
+
+/* Forward train then backward against the formulas, NCHW-like (2, 3, 5). */
+static void test_forward_backward(void)
+{
+    enum { N = 2, C = 3, I = 5, E = N * C * I };
+    double x[E], y[E], dy[E], dx[E], mean[C], var[C], dgamma[C], dbeta[C];
+    const double gamma[C] = {1.5, -2, 0.5}, beta[C] = {0.1, 0.2, -0.3}, eps = 1e-5;
+    bn_shape s = {N, C, I};
+    bn_strides st = {C * I, I, 1};
+    int e, c, o, i;
+    for (e = 0; e < E; ++e) x[e] = sin(e * 1.3) * 3 + e % 4, dy[e] = cos(e * 0.7);
+    CHECK(bn_forward_train_f64(s, x, st, y, st, gamma, beta, eps, mean, var) == BN_OK, "fwd");
+    CHECK(bn_backward_f64(s, dy, st, x, st, dx, st, mean, var, gamma, eps, 1, dgamma, dbeta) ==
+              BN_OK,
+          "bwd");
+    for (c = 0; c < C; ++c) {
+        double inv = 1 / sqrt(var[c] + eps), sdy = 0, sdyx = 0, n = N * I;
+        for (o = 0; o < N; ++o)
+            for (i = 0; i < I; ++i) {
+                e = o * C * I + c * I + i;
+                CHECK(close_to(y[e], gamma[c] * (x[e] - mean[c]) * inv + beta[c], 1e-13), "y");
+                sdy += dy[e], sdyx += dy[e] * (x[e] - mean[c]) * inv;
+            }
+        CHECK(close_to(dbeta[c], sdy, 1e-13), "dbeta[%d]", c);
+        CHECK(close_to(dgamma[c], sdyx, 1e-13), "dgamma[%d]", c);
+        for (o = 0; o < N; ++o)
+            for (i = 0; i < I; ++i) {
+                double xhat, want;
+                e = o * C * I + c * I + i;
+                xhat = (x[e] - mean[c]) * inv;
+                want = gamma[c] * inv * (dy[e] - sdy / n - xhat * sdyx / n);
+                CHECK(close_to(dx[e], want, 1e-12), "dx[%d] = %g, want %g", e, dx[e], want);
+            }
+    }
+}
+
+/* Large NHWC and NCHW float32 problems: the same bits for 1 and 3 threads. */
+static void test_thread_determinism(void)
+{
+    enum { N = 16, C = 7, I = 1031 };
+    size_t e, E = (size_t)N * C * I;
+    float *x = malloc(E * sizeof(float)), *y1 = malloc(E * sizeof(float)),
+          *y3 = malloc(E * sizeof(float));
+    double m1[C], v1[C], m3[C], v3[C];
+    bn_shape nchw = {N, C, I}, nhwc = {N * I, C, 1};
+    bn_strides s_nchw = {C * I, I, 1}, s_nhwc = {C, 1, 1};
+    for (e = 0; e < E; ++e) x[e] = (float)(1000 + sin((double)e) * 10);
+    bn_set_num_threads(1);
+    bn_forward_train_f32(nchw, x, s_nchw, y1, s_nchw, NULL, NULL, 1e-5, m1, v1);
+    bn_set_num_threads(3);
+    bn_forward_train_f32(nchw, x, s_nchw, y3, s_nchw, NULL, NULL, 1e-5, m3, v3);
+    CHECK(memcmp(m1, m3, sizeof m1) == 0 && memcmp(v1, v3, sizeof v1) == 0, "nchw stats differ");
+    CHECK(memcmp(y1, y3, E * sizeof(float)) == 0, "nchw output differs");
+    bn_set_num_threads(1);
+    bn_forward_train_f32(nhwc, x, s_nhwc, y1, s_nhwc, NULL, NULL, 1e-5, m1, v1);
+    bn_set_num_threads(3);
+    bn_forward_train_f32(nhwc, x, s_nhwc, y3, s_nhwc, NULL, NULL, 1e-5, m3, v3);
+    CHECK(memcmp(m1, m3, sizeof m1) == 0 && memcmp(v1, v3, sizeof v1) == 0, "nhwc stats differ");
+    CHECK(memcmp(y1, y3, E * sizeof(float)) == 0, "nhwc output differs");
+    bn_set_num_threads(0);
+    free(x), free(y1), free(y3);
+}
+
+/* A constant channel normalizes to beta exactly; the variance is exactly 0. */
+static void test_constant_channel(void)
+{
+    double x[64], y[64], mean[1], var[1], beta[1] = {0.25};
+    bn_shape s = {64, 1, 1};
+    bn_strides st = {1, 1, 1};
+    int e;
+    for (e = 0; e < 64; ++e) x[e] = 1e7 + 0.1;
+    bn_forward_train_f64(s, x, st, y, st, NULL, beta, 1e-5, mean, var);
+    CHECK(var[0] == 0.0, "var of a constant = %g", var[0]);
+    for (e = 0; e < 64; ++e) CHECK(y[e] == 0.25, "y[%d] = %.17g", e, y[e]);
+}
+
+int main(void)
+{
+    static const char *isas[] = {"baseline", "avx2", "avx512"};
+    int k, ran = 0;
+    CHECK(bn_set_isa("no-such-isa") == BN_ERR_ISA, "unknown ISA accepted");
+    for (k = 0; k < 3; ++k) {
+        if (!bn_isa_available(isas[k])) continue;
+        CHECK(bn_set_isa(isas[k]) == BN_OK, "set_isa(%s)", isas[k]);
+        CHECK(strcmp(bn_active_isa(), isas[k]) == 0, "active %s", bn_active_isa());
+        test_known_stats();
+        test_forward_backward();
+        test_thread_determinism();
+        test_constant_channel();
+        printf("isa %-8s checked (openmp: %d)\n", isas[k], bn_has_openmp());
+        ++ran;
+    }
+    CHECK(ran >= 1, "no ISA ran");
+    printf("%d failures\n", failures);
+    return failures ? 1 : 0;
+}

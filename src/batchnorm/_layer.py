@@ -1,0 +1,269 @@
+"""The stateful BatchNorm layer: a thin owner of parameters and running statistics."""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _api
+
+__all__ = ["BatchNorm"]
+
+_STATE_KEYS = ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked")
+
+
+class BatchNorm:
+    """Batch normalization layer with PyTorch's semantics, for NumPy arrays.
+
+    In training mode (the default) every batch is normalized with its own statistics, from
+    the first batch on, and the running statistics are updated as
+    ``running = (1 - momentum) * running + momentum * batch``. In eval mode the running
+    statistics are used, so a single example can be normalized.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the length of the channel axis; gamma, beta, running_mean and running_var all
+        have shape (C,).
+    axis : int, default 1
+        The channel axis of the inputs (-1 for channels-last).
+    eps : float, default 1e-5
+    momentum : float or None, default 0.1
+        Weight of the new batch in the running averages (PyTorch's convention; Keras'
+        ``momentum=0.99`` is ``momentum=0.01`` here). None: cumulative average.
+    affine : bool, default True
+        Learn gamma (scale) and beta (shift); False means gamma = 1, beta = 0.
+    track_running_stats : bool, default True
+        Keep running averages; False normalizes with batch statistics in eval mode too.
+    unbiased_running_var : bool, default True
+        Accumulate ``var * n / (n - 1)`` (PyTorch) rather than the biased batch variance
+        (Keras, Flax, ONNX).
+    dtype : float32 or float64, default float32
+        Storage type of the parameters and running statistics.
+
+    Examples
+    --------
+    >>> import numpy as np, batchnorm as bn
+    >>> layer = bn.BatchNorm(4, momentum=None, unbiased_running_var=False, dtype=np.float64)
+    >>> batch = np.array([[4, 5, 2, 1], [3, 4, 6, 0], [1, 4, 7, 9]], dtype=np.float64)
+    >>> y = layer(batch)                       # normalized with this batch's statistics
+    >>> layer.running_mean * 3
+    array([ 8., 13., 15., 10.])
+    >>> _ = layer.eval()
+    >>> np.round(layer(np.array([[3.0, 5, 7, 9]])), 2)   # inference: running statistics
+    array([[0.27, 1.41, 0.93, 1.41]])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        axis: int = 1,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        unbiased_running_var: bool = True,
+        dtype: Any = np.float32,
+    ) -> None:
+        try:
+            c = operator.index(num_features)
+        except TypeError:
+            raise TypeError(f"num_features must be an integer, got {num_features!r}") from None
+        if c < 1:
+            raise ValueError(f"num_features must be >= 1, got {c}")
+        dt = np.dtype(dtype)
+        if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        if momentum is not None:
+            momentum = float(momentum)
+            if not 0.0 <= momentum <= 1.0:
+                raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+        if not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"axis must be an integer, got {axis!r}")
+        self.num_features = c
+        self.axis = int(axis)
+        self.eps = _api._eps(eps)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.unbiased_running_var = bool(unbiased_running_var)
+        self.dtype = dt
+        self.training = True
+        self.grad_gamma: Optional[np.ndarray] = None
+        self.grad_beta: Optional[np.ndarray] = None
+        self._gamma = self._beta = None
+        self._running_mean = self._running_var = None
+        self.num_batches_tracked: Optional[int] = None
+        self._saved: Optional[tuple] = None  # what backward needs from the last forward
+        self.reset_parameters()
+
+    # --- state --------------------------------------------------------------------------
+
+    def _checked_vector(self, value: Any, name: str) -> np.ndarray:
+        v = _api._vector(value, self.num_features, name)
+        return v.astype(self.dtype)
+
+    def _vector_property(name: str, needs: str):  # noqa: N805 (a property factory)
+        attr = "_" + name
+
+        def get(self):
+            return getattr(self, attr)
+
+        def set(self, value):
+            if not getattr(self, needs):
+                raise AttributeError(f"{name} is None when {needs}=False")
+            setattr(self, attr, self._checked_vector(value, name))
+
+        return property(get, set, doc=f"{name}, shape (C,), in the layer's dtype (None when not {needs}).")
+
+    gamma = _vector_property("gamma", "affine")
+    beta = _vector_property("beta", "affine")
+    running_mean = _vector_property("running_mean", "track_running_stats")
+    running_var = _vector_property("running_var", "track_running_stats")
+    del _vector_property
+
+    def reset_running_stats(self) -> None:
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0."""
+        if self.track_running_stats:
+            self._running_mean = np.zeros(self.num_features, self.dtype)
+            self._running_var = np.ones(self.num_features, self.dtype)
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """gamma = 1, beta = 0, and the running statistics reset."""
+        self.reset_running_stats()
+        if self.affine:
+            self._gamma = np.ones(self.num_features, self.dtype)
+            self._beta = np.zeros(self.num_features, self.dtype)
+
+    def state_dict(self) -> dict:
+        """Copies of the parameters and running statistics, by name."""
+        d = {}
+        for key in _STATE_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                d[key] = value.copy() if isinstance(value, np.ndarray) else value
+        return d
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Load what :meth:`state_dict` returned. All entries are checked before any is set.
+
+        With ``strict=True`` the keys must be exactly those this layer has.
+        """
+        expected = set(self.state_dict())
+        given = set(state)
+        if strict and given != expected:
+            raise KeyError(
+                f"state keys do not match: missing {sorted(expected - given)}, "
+                f"unexpected {sorted(given - expected)}"
+            )
+        new = {}
+        for key in sorted(expected & given):
+            if key == "num_batches_tracked":
+                n = operator.index(np.asarray(state[key]).item())
+                if n < 0:
+                    raise ValueError(f"num_batches_tracked must be >= 0, got {n}")
+                new[key] = n
+            else:
+                new["_" + key] = self._checked_vector(state[key], key)
+        for key, value in new.items():
+            setattr(self, key, value)
+
+    def __getstate__(self) -> dict:
+        d = self.__dict__.copy()
+        d["_saved"] = None  # the last forward's input is not part of the layer
+        return d
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name})"
+        )
+
+    # --- mode ---------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "BatchNorm":
+        """Training mode: batch statistics, running statistics updated. Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "BatchNorm":
+        """Inference mode: running statistics (if tracked). Returns self."""
+        return self.train(False)
+
+    # --- computation --------------------------------------------------------------------
+
+    def __call__(self, x: Any, *, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Normalize a batch; see the class docstring for which statistics are used."""
+        x = _api._as_input(x, "x")
+        ax = _api._channel_axis(self.axis, x.ndim)
+        if x.shape[ax] != self.num_features:
+            raise ValueError(
+                f"x has {x.shape[ax]} channels along axis {self.axis} (shape {x.shape}), "
+                f"but the layer has num_features={self.num_features}"
+            )
+        in_place = out is not None and np.may_share_memory(out, x)
+        gamma = None if self._gamma is None else self._gamma.astype(np.float64)
+        if self.training or not self.track_running_stats:
+            y, st = _api.forward_train(
+                x, gamma, self._beta, axis=ax, eps=self.eps, out=out
+            )
+            if self.training and self.track_running_stats:
+                self._update_running_stats(st)
+            training = True
+        else:
+            st = _api.Stats(
+                self._running_mean.astype(np.float64),
+                self._running_var.astype(np.float64),
+                _api._count(x, ax),
+            )
+            y = _api.forward_eval(
+                x, st.mean, st.var, gamma, self._beta, axis=ax, eps=self.eps, out=out
+            )
+            training = False
+        self._saved = (None if in_place else x, st, gamma, ax, training)
+        return y
+
+    forward = __call__
+
+    def _update_running_stats(self, st: _api.Stats) -> None:
+        if not (np.isfinite(st.mean).all() and np.isfinite(st.var).all()):
+            warnings.warn(
+                "batch statistics are not finite (NaN or inf in the input): the running "
+                "statistics were not updated",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        self.num_batches_tracked += 1
+        m = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        var = st.unbiased_var() if self.unbiased_running_var else st.var
+        self._running_mean = ((1.0 - m) * self._running_mean + m * st.mean).astype(self.dtype)
+        self._running_var = ((1.0 - m) * self._running_var + m * var).astype(self.dtype)
+
+    def backward(self, dy: Any, *, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Gradient with respect to the input of the last forward call.
+
+        Sets ``grad_gamma`` and ``grad_beta`` (when affine). After a training-mode forward the
+        gradient flows through the batch statistics; after an eval-mode forward they are
+        constants.
+        """
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward call first")
+        x, st, gamma, ax, training = self._saved
+        if x is None:
+            raise RuntimeError(
+                "backward() needs the forward input, which the forward call overwrote (out=x)"
+            )
+        dx, dgamma, dbeta = _api.backward(
+            dy, x, st, gamma, axis=ax, eps=self.eps, training=training, out=out
+        )
+        if self.affine:
+            self.grad_gamma = dgamma.astype(self.dtype)
+            self.grad_beta = dbeta.astype(self.dtype)
+        return dx
