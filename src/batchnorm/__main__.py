@@ -1,4 +1,4 @@
-"""Command line: ``python -m batchnorm {explain,info}``."""
+"""Command line: ``python -m batchnorm {explain,info,bench}``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("explain", help="walk through batch normalization on a small example")
     )
     sub.add_parser("info", help="show the ISA path, threads and OpenMP of this build")
+    from ._bench import add_arguments as bench_arguments
+
+    bench_arguments(
+        sub.add_parser(
+            "bench",
+            help="time batchnorm, plain NumPy and PyTorch against the memory-copy floor",
+            description="Time batchnorm (with out= and allocating), a naive NumPy "
+            "implementation and PyTorch (when installed) on a set of shapes, as ratios to "
+            "the fastest memory copy (x + dy -> dx for backward) measured in the same run.",
+        )
+    )
     return parser
 
 
@@ -29,6 +40,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         show_config()
         return 0
+    if args.command == "bench":
+        from ._bench import run as bench
+
+        return bench(args)
     from ._explain import run
 
     return run(args)
