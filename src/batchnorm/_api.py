@@ -403,7 +403,7 @@ def backward(
     >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]])
     >>> y, st = bn.forward_train(x)
     >>> dx, dgamma, dbeta = bn.backward(np.ones_like(x), x, st)
-    >>> np.abs(dx).max() < 1e-12, dbeta
+    >>> bool(np.abs(dx).max() < 1e-12), dbeta
     (True, array([3., 3.]))
     """
     x = _as_input(x, "x")
