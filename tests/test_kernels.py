@@ -1,0 +1,369 @@
+"""The compiled layers: ISA dispatch, threads, the environment, and the Cython wrappers.
+
+The numerical sweep of every ISA path is in test_api.py (its ``isa`` fixture); here: the
+dispatch itself, determinism across thread counts, OpenMP as threadpoolctl sees it, and the
+Cython layer called directly and cimported from freshly compiled Cython code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+from batchnorm import _kernels
+from batchnorm import reference as ref
+from conftest import (
+    assert_grad_close,
+    assert_out_close,
+    assert_stat_close,
+    make_layout,
+    make_params,
+    make_x,
+)
+
+
+def run_python(code, env_extra=None, args=None, timeout=120):
+    """Run `python -c code` (or `python args...`) in a clean subprocess; returns stdout."""
+    env = dict(os.environ)
+    for key in ("BATCHNORM_ISA", "OMP_NUM_THREADS"):
+        env.pop(key, None)
+    env.update(env_extra or {})
+    cmd = [sys.executable] + (args if args is not None else ["-c", code])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+# --- ISA paths -----------------------------------------------------------------------------
+
+
+def test_available_isas():
+    isas = _kernels.available_isas()
+    assert isas[0] == "baseline"
+    assert set(isas) <= {"baseline", "avx2", "avx512"}
+    assert bn.available_isas() == isas
+    cfg = bn.config()
+    assert cfg["isa"] in isas and cfg["available_isas"] == isas
+    assert isinstance(cfg["openmp"], bool)
+    assert cfg["threads"] == bn.get_num_threads()
+    assert cfg["version"] == bn.__version__
+
+
+def test_set_isa_switches_and_rejects_unknown_names(isa):
+    assert _kernels.active_isa() == isa
+    for name in ("avx512", "avx2"):
+        if name not in _kernels.available_isas():
+            with pytest.raises(ValueError, match=f"ISA '{name}' is not available"):
+                _kernels.set_isa(name)
+    with pytest.raises(ValueError, match="is not available"):
+        _kernels.set_isa("sse9")
+    assert _kernels.active_isa() == isa  # a refused switch changes nothing
+
+
+def test_isa_paths_agree():
+    """All kernel sets compute the same thing (to rounding) on a large problem."""
+    rng = np.random.default_rng(20)
+    x = make_x(rng, (64, 7, 19, 19), 1, np.float32)
+    dy = make_x(rng, x.shape, 1, np.float32)
+    gamma, beta = make_params(rng, 7)
+    ry, rst = ref.forward_train(x, gamma, beta)
+    rdx, rdg, rdb = ref.backward(dy, x, rst, gamma)
+    original = _kernels.active_isa()
+    try:
+        for name in _kernels.available_isas():
+            _kernels.set_isa(name)
+            y, st = bn.forward_train(x, gamma, beta)
+            dx, dg, db = bn.backward(dy, x, st, gamma)
+            assert_out_close(y, ry, np.float32, what=f"{name} y")
+            assert_grad_close(dx, rdx, np.float32, what=f"{name} dx")
+            assert_stat_close(st.var, rst.var, f"{name} var")
+    finally:
+        _kernels.set_isa(original)
+
+
+@pytest.mark.parametrize("name", _kernels.available_isas())
+def test_environment_variable_forces_the_isa(name):
+    out = run_python(
+        "import batchnorm as bn; print(bn.config()['isa'])", {"BATCHNORM_ISA": name}
+    )
+    assert out.strip() == name
+
+
+def test_environment_variable_baseline_and_unknown_value():
+    out = run_python(
+        "import batchnorm as bn, numpy as np\n"
+        "x = np.arange(12.0).reshape(4, 3)\n"
+        "print(bn.config()['isa']); print(bn.batch_stats(x).mean.tolist())",
+        {"BATCHNORM_ISA": "baseline"},
+    )
+    assert out.split("\n")[0] == "baseline"
+    assert out.split("\n")[1] == "[4.5, 5.5, 6.5]"
+    # an unknown name is ignored: the best available path runs
+    out = run_python("import batchnorm as bn; print(bn.config()['isa'])", {"BATCHNORM_ISA": "x"})
+    assert out.strip() == _kernels.available_isas()[-1]
+
+
+def test_info_command_runs():
+    out = run_python(None, {"BATCHNORM_ISA": "baseline"}, args=["-m", "batchnorm", "info"])
+    lines = dict(line.split(":", 1) for line in out.strip().splitlines())
+    lines = {k.strip(): v.strip() for k, v in lines.items()}
+    assert lines["isa"] == "baseline"
+    assert lines["version"] == bn.__version__
+    assert lines["available_isas"] == ", ".join(_kernels.available_isas())
+    assert lines["openmp"] in ("True", "False")
+    assert int(lines["threads"]) >= 1
+
+
+def test_info_via_main(capsys):
+    from batchnorm.__main__ import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"isa: {_kernels.active_isa()}" in out
+
+
+# --- threads -------------------------------------------------------------------------------
+
+THREAD_CASES = [
+    ((32, 8, 24, 24), 1),  # NCHW, 147456 elements
+    ((2, 3, 129, 129), 1),  # NCHW with inner longer than a unit
+    ((16, 24, 24, 12), -1),  # NHWC
+    ((20000, 7), 1),  # (N, D)
+    ((300, 600), 1),  # (N, D) with two channel blocks
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape, axis", THREAD_CASES, ids=lambda v: str(v))
+def test_results_are_bit_identical_for_any_thread_count(shape, axis, dtype, isa, threads):
+    rng = np.random.default_rng(21)
+    x = make_x(rng, shape, axis, dtype)
+    dy = make_x(rng, shape, axis, dtype)
+    xs = make_layout(rng, shape, axis, dtype, "sliced")
+    c = shape[axis]
+    gamma, beta = make_params(rng, c)
+    mean, var = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+
+    def everything():
+        st = bn.batch_stats(x, axis=axis)
+        y, st2 = bn.forward_train(x, gamma, beta, axis=axis)
+        ys, sts = bn.forward_train(xs, gamma, beta, axis=axis)
+        ye = bn.forward_eval(x, mean, var, gamma, beta, axis=axis)
+        dx, dg, db = bn.backward(dy, x, st, gamma, axis=axis)
+        fx, fg, fb = bn.backward(dy, x, st, gamma, axis=axis, training=False)
+        return [st.mean, st.var, y, st2.mean, st2.var, ys, sts.mean, sts.var, ye,
+                dx, dg, db, fx, fg, fb]
+
+    bn.set_num_threads(1)
+    assert bn.get_num_threads() == 1
+    expected = everything()
+    ry, _ = ref.forward_train(x, gamma, beta, axis=axis)
+    assert_out_close(expected[2], ry, dtype)  # and it is the right answer
+    for n in (2, 3, 8):
+        bn.set_num_threads(n)
+        got = everything()
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert np.array_equal(a, b), f"result {i} differs with {n} threads"
+
+
+def test_num_threads_semantics(threads):
+    bn.set_num_threads(None)
+    default = bn.get_num_threads()
+    assert default >= 1
+    openmp = bn.config()["openmp"]
+    for n in (1, 3, np.int64(2)):
+        bn.set_num_threads(n)
+        assert bn.get_num_threads() == (int(n) if openmp else 1)
+        assert bn.config()["threads"] == bn.get_num_threads()
+    bn.set_num_threads(None)
+    assert bn.get_num_threads() == default
+    bn.set_num_threads(2)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="positive number of threads or None"):
+            bn.set_num_threads(bad)
+        assert bn.get_num_threads() == (2 if openmp else 1)  # unchanged
+    with pytest.raises(TypeError):
+        bn.set_num_threads(1.5)
+
+
+def test_default_threads_follow_omp_num_threads():
+    out = run_python(
+        "import batchnorm as bn; print(bn.config()['openmp'], bn.get_num_threads())",
+        {"OMP_NUM_THREADS": "3"},
+    )
+    openmp, n = out.split()
+    assert int(n) == (3 if openmp == "True" else 1)
+
+
+def test_threadpoolctl_sees_the_openmp_pool():
+    """In a process that loads nothing else with OpenMP (torch would), the pool is ours."""
+    out = run_python(
+        textwrap.dedent(
+            """
+            import batchnorm as bn
+            from threadpoolctl import threadpool_info, threadpool_limits
+            bn.set_num_threads(None)
+            pools = [p for p in threadpool_info() if p["user_api"] == "openmp"]
+            print(bn.config()["openmp"], len(pools))
+            with threadpool_limits(limits=1, user_api="openmp"):
+                print(bn.get_num_threads())
+            """
+        ),
+        {"OMP_NUM_THREADS": "2"},
+    )
+    openmp, npools, limited = out.split()
+    if openmp == "True":  # a build without OpenMP has no pool to see
+        assert int(npools) >= 1
+    # threadpoolctl's limit reaches the kernels' default thread count (always 1 without OpenMP)
+    assert int(limited) == 1
+
+
+# --- the Cython layer called directly -------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_cython_entry_points(dtype, isa):
+    rng = np.random.default_rng(22)
+    x = make_x(rng, (5, 4, 6), 1, dtype)
+    dy = make_x(rng, (5, 4, 6), 1, dtype)
+    gamma, beta = make_params(rng, 4)
+    rst = ref.batch_stats(x)
+    mean, var = np.empty(4), np.empty(4)
+    assert _kernels.stats(x, mean, var) is None
+    assert_stat_close(mean, rst.mean)
+    assert_stat_close(var, rst.var)
+
+    y = np.empty_like(x)
+    mean2, var2 = np.empty(4), np.empty(4)
+    _kernels.forward_train(x, y, gamma, beta, 1e-5, mean2, var2)
+    assert_out_close(y, ref.forward_train(x, gamma, beta)[0], dtype)
+    assert np.array_equal(mean2, mean) and np.array_equal(var2, var)
+
+    _kernels.forward_eval(x, y, mean, var, None, None, 0.5)
+    assert_out_close(y, ref.forward_eval(x, mean, var, eps=0.5), dtype)
+
+    # views with any strides, including negative ones, are taken as they are
+    xv = x[::-1, :, ::2]
+    yv = np.full((10, 4, 6), np.nan, dtype)[::2, ::-1, ::2]
+    m3, v3 = np.empty(4), np.empty(4)
+    _kernels.forward_train(xv, yv, None, None, 1e-5, m3, v3)
+    assert_out_close(yv, ref.forward_train(xv)[0], dtype)
+
+    dx = np.empty_like(x)
+    dg, db = np.empty(4), np.empty(4)
+    _kernels.backward(dy, x, dx, mean, var, gamma, 1e-5, True, dg, db)
+    rdx, rdg, rdb = ref.backward(dy, x, rst, gamma)
+    assert_grad_close(dx, rdx, dtype)
+    assert_stat_close(dg, rdg)
+    assert_stat_close(db, rdb)
+    # dx=None: only the parameter gradients (the C core takes dx == NULL)
+    dg2, db2 = np.empty(4), np.empty(4)
+    _kernels.backward(dy, x, None, mean, var, gamma, 1e-5, True, dg2, db2)
+    assert np.array_equal(dg2, dg) and np.array_equal(db2, db)
+
+
+def test_cython_entry_points_check_their_buffers():
+    x = np.ones((2, 3, 4))
+    m, v = np.empty(3), np.empty(3)
+    with pytest.raises((TypeError, ValueError)):
+        _kernels.forward_train(x, np.empty((2, 3, 4), np.float32), None, None, 1e-5, m, v)
+    with pytest.raises((TypeError, ValueError)):
+        _kernels.stats(np.ones((2, 3)), m, v)
+    ro = np.empty_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _kernels.forward_train(x, ro, None, None, 1e-5, m, v)
+    with pytest.raises((TypeError, ValueError)):
+        _kernels.stats(x, np.empty(6)[::2], v)  # statistics must be contiguous
+
+
+def test_cython_layer_exports_its_typed_functions():
+    capi = getattr(_kernels, "__pyx_capi__", {})
+    for op in ("stats", "forward_train", "forward_eval", "backward"):
+        for t in ("f32", "f64"):
+            assert f"{op}_{t}" in capi
+
+
+CIMPORT_SOURCE = """
+# cython: language_level=3
+from batchnorm cimport _kernels
+
+def stats_f64(const double[:, :, :] x, double[::1] mean, double[::1] var):
+    cdef int rc
+    with nogil:
+        rc = _kernels.stats_f64(x, mean, var)
+    return rc
+
+def forward_train_f32(const float[:, :, :] x, float[:, :, :] y, double[::1] gamma,
+                      double[::1] beta, double eps, double[::1] mean, double[::1] var):
+    cdef int rc
+    with nogil:
+        rc = _kernels.forward_train_f32(x, y, gamma, beta, eps, mean, var)
+    return rc
+
+def backward_f64(const double[:, :, :] dy, const double[:, :, :] x, double[:, :, :] dx,
+                 double[::1] mean, double[::1] var, double eps,
+                 double[::1] dgamma, double[::1] dbeta):
+    cdef int rc
+    with nogil:
+        rc = _kernels.backward_f64(dy, x, dx, mean, var, None, eps, True, dgamma, dbeta)
+    return rc
+"""
+
+
+def test_cimport_from_other_cython_code(tmp_path):
+    """`from batchnorm cimport _kernels` works in a separately compiled module, without the GIL."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the cimporting module")
+    pytest.importorskip("Cython")
+    pxd_root = os.path.dirname(os.path.dirname(os.path.abspath(bn.__file__)))
+    assert os.path.exists(os.path.join(pxd_root, "batchnorm", "_kernels.pxd"))
+    pyx = tmp_path / "bn_cimport_user.pyx"
+    pyx.write_text(CIMPORT_SOURCE)
+    c_file = tmp_path / "bn_cimport_user.c"
+    subprocess.run(
+        [sys.executable, "-m", "cython", "-3", "-I", pxd_root, str(pyx), "-o", str(c_file)],
+        check=True, capture_output=True, timeout=120,
+    )
+    so = tmp_path / ("bn_cimport_user" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-O0", "-I", sysconfig.get_paths()["include"], str(c_file),
+         "-o", str(so)],
+        check=True, capture_output=True, timeout=120,
+    )
+    spec = importlib.util.spec_from_file_location("bn_cimport_user", so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    rng = np.random.default_rng(23)
+    x = make_x(rng, (6, 3, 5), 1, np.float64)
+    mean, var = np.empty(3), np.empty(3)
+    assert mod.stats_f64(x, mean, var) == 0
+    rst = ref.batch_stats(x)
+    assert_stat_close(mean, rst.mean)
+    assert_stat_close(var, rst.var)
+
+    x32 = x.astype(np.float32)
+    y = np.empty_like(x32)
+    gamma, beta = make_params(rng, 3)
+    m32, v32 = np.empty(3), np.empty(3)
+    assert mod.forward_train_f32(x32, y, gamma, beta, 1e-5, m32, v32) == 0
+    assert_out_close(y, ref.forward_train(x32, gamma, beta)[0], np.float32)
+
+    dy = make_x(rng, x.shape, 1, np.float64)
+    dx, dg, db = np.empty_like(x), np.empty(3), np.empty(3)
+    assert mod.backward_f64(dy, x, dx, mean, var, 1e-5, dg, db) == 0
+    rdx, rdg, rdb = ref.backward(dy, x, rst)
+    assert_grad_close(dx, rdx, np.float64)
+    assert_stat_close(dg, rdg)
+    assert_stat_close(db, rdb)
