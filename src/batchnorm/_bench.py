@@ -529,11 +529,11 @@ def format_table(rows: Sequence[Dict[str, Any]], impls: Sequence[str]) -> str:
     head1 += f"  {'torch /':>9}"
     head2 += f"  {'batchnorm':>9}"
     lines = [head1, head2, "-" * len(head2)]
-    short = {"numpy copyto": "np 1 thr", "numpy add": "np 1 thr", "torch copy_": "torch",
+    short = {"numpy copyto": "np-1t", "numpy add": "np-1t", "torch copy_": "torch",
              "torch add": "torch"}
     for r in rows:
-        by = short.get(r["floor_by"], r["floor_by"].replace("numpy ", "np ").replace(
-            " threads", " thr"))
+        by = short.get(r["floor_by"], r["floor_by"].replace("numpy ", "np-").replace(
+            " threads", "t"))
         line = (f"{r['shape']:{w_shape}} {r['layout']:6} {r['op']:8} "
                 f"{_fmt_ms(r['floor_ms'] / 1e3):>8} {by:>10}")
         for impl in impls:
@@ -757,16 +757,22 @@ def run(args: argparse.Namespace) -> int:
         "cpus": os.cpu_count(), "notes": notes,
     }
     rows = table_rows(results, impls)
-    torch_desc = (f"torch {torch.__version__} ({threads} threads, backward via "
-                  f"{notes.get('torch backward', '-')})" if torch is not None
-                  else "torch not installed")
-    floor_names = ["numpy 1 thread"] + ([f"numpy {threads} threads"] if threads > 1 else [])
-    floor_names += ["torch"] if torch is not None else []
-    print(f"batchnorm {cfg['version']} bench: {dtype}, {threads} threads, isa {cfg['isa']}, "
-          f"OpenMP {'on' if cfg['openmp'] else 'off'}; numpy {np.__version__}; {torch_desc}")
-    print(f"floor: fastest of {', '.join(floor_names)}: copy x -> y (train, eval, stats), "
-          f"x + dy -> dx (backward). ms: median of {args.repeat} interleaved rounds; "
-          "x floor = ms / floor ms")
+    if torch is None:
+        torch_desc = "torch left out (--no-torch)" if args.no_torch else "torch not installed"
+    else:
+        torch_desc = f"torch {torch.__version__} ({threads} threads)"
+    print(f"batchnorm {cfg['version']} (isa {cfg['isa']}, OpenMP "
+          f"{'on' if cfg['openmp'] else 'off'}), {dtype}, {threads} threads; "
+          f"numpy {np.__version__}; {torch_desc}")
+    floor_names = ["np-1t (numpy, 1 thread)"]
+    floor_names += [f"np-{threads}t (numpy, {threads} threads)"] if threads > 1 else []
+    floor_names += ["torch (copy_, add)"] if torch is not None else []
+    print(f"floor: fastest of {', '.join(floor_names)}; copy x -> y for train, eval and "
+          "stats, x + dy -> dx for backward")
+    print(f"ms: median of {args.repeat} interleaved rounds; x floor = ms / floor ms; "
+          "torch / batchnorm = torch ms / batchnorm (alloc) ms")
+    if "torch backward" in notes:
+        print(f"torch backward: {notes['torch backward']}")
     print()
     print(format_table(rows, impls))
     for k, v in notes.items():
