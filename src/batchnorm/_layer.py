@@ -164,7 +164,12 @@ class BatchNorm:
         new = {}
         for key in sorted(expected & given):
             if key == "num_batches_tracked":
-                n = operator.index(np.asarray(state[key]).item())
+                try:
+                    n = operator.index(np.asarray(state[key]).item())
+                except TypeError:
+                    raise TypeError(
+                        f"num_batches_tracked must be an integer, got {state[key]!r}"
+                    ) from None
                 if n < 0:
                     raise ValueError(f"num_batches_tracked must be >= 0, got {n}")
                 new[key] = n
