@@ -23,25 +23,34 @@
 #define BN_MAX_CHANNEL_BLOCK 512
 
 /* The (outer, channels, inner) plane of each channel is cut into `parts` pieces.
- * planar (inner > 1): a unit is (channel, outer block, inner block): runs along inner.
- * interleaved (inner == 1): a unit is (outer block, channel block): runs across channels. */
+ * planar (inner > 1): a unit is (channel block, outer block, inner block): runs along inner;
+ *   the channel block is 1 unless a whole channel is smaller than a unit.
+ * interleaved (inner == 1): a unit is (outer block, channel block): runs across channels.
+ * A tiling may cover a range of channels [c_begin, c_begin + c_count) of the shape; the
+ * pieces of a channel, and so its results, never depend on that range or on the threads. */
 typedef struct bn_tiling {
     int planar;
+    ptrdiff_t c_begin, c_count; /* the channels this tiling covers */
     ptrdiff_t ob, ib, cb;       /* block sizes along outer, inner, channels */
     ptrdiff_t n_ob, n_ib, n_cb; /* number of blocks along each */
     ptrdiff_t parts;            /* partial results per channel */
     ptrdiff_t units;            /* independent work units */
 } bn_tiling;
 
-bn_tiling bn_make_tiling(bn_shape s);
+bn_tiling bn_make_tiling(bn_shape s, ptrdiff_t c_begin, ptrdiff_t c_count);
 /* Number of values that partial k of every channel covers. */
 double bn_part_count(const bn_tiling *t, bn_shape s, ptrdiff_t k);
 
-/* Chan's merge of (count, mean, M2) partials, channel by channel, parts in order. */
+/* Channels per cache-sized chunk: a chunk's data (`arrays` arrays of `itemsize` bytes per
+ * element) stays in the last-level cache between the passes of a fused operation. */
+ptrdiff_t bn_chunk_channels(bn_shape s, int arrays, size_t itemsize);
+
+/* Chan's merge of (count, mean, M2) partials, channel by channel, parts in order; writes
+ * mean and var of the tiling's channels (indexed from 0 = t->c_begin). */
 void bn_merge_moments(const bn_tiling *t, bn_shape s, const double *pmean, const double *pm2,
-                      double *mean, double *var, int nthreads);
+                      double *mean, double *var);
 /* Plain sums of partials, channel by channel, parts in order. */
-void bn_merge_sums(const bn_tiling *t, bn_shape s, const double *part, double *total);
+void bn_merge_sums(const bn_tiling *t, const double *part, double *total);
 
 /* Threads to use for a problem of `elems` elements split in `units` units. */
 int bn_threads_for(ptrdiff_t elems, ptrdiff_t units);

@@ -1,76 +1,106 @@
-/* Normalization (training and inference forward) for element type BN_T.
- * Included once per type by normalize.c. */
-#include "runs_impl.h"
-
-int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double *mean,
-                               double *var);
-
-/* Per-channel coefficients of y = (x - m) * a + b in the storage type. m is the mean rounded
- * to BN_T; the rounding is folded into b (in double), so x - m is exact for x near the mean
- * and the output keeps full precision even when the mean is large next to the spread. */
-static void FN(affine_coefficients)(ptrdiff_t C, const double *mean, const double *var,
-                                    const double *gamma, const double *beta, double eps,
-                                    BN_T *m, BN_T *a, BN_T *b)
-{
-    ptrdiff_t c;
-    for (c = 0; c < C; ++c) {
-        double scale = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps);
-        m[c] = (BN_T)mean[c];
-        a[c] = (BN_T)scale;
-        b[c] = (BN_T)((beta ? beta[c] : 0.0) + ((double)m[c] - mean[c]) * scale);
-    }
-}
-
-/* y = (x - m) * a + b over the whole view. Traffic: read x, write y. */
-static void FN(affine_apply)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, bn_strides ys,
-                             const BN_T *m, const BN_T *a, const BN_T *b)
-{
-    bn_tiling t = bn_make_tiling(s);
-    int nt = bn_threads_for(s.outer * s.channels * s.inner, t.units);
-    ptrdiff_t u;
-    (void)nt;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-    for (u = 0; u < t.units; ++u) {
-        bn_unit w = bn_unit_at(&t, s, u);
-        ptrdiff_t o, c = w.c0;
-        if (t.planar) {
-            for (o = w.o0; o < w.o0 + w.rows; ++o)
-                FN(run_affine)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
-                               ys.inner, w.len, m[c], a[c], b[c]);
-        } else {
-            for (o = w.o0; o < w.o0 + w.rows; ++o)
-                FN(cols_affine)(BN_AT(x, xs, o, c, 0), xs.channel, BN_AT(y, ys, o, c, 0),
-                                ys.channel, w.cn, m + c, a + c, b + c);
-        }
-    }
-}
+/* Training and inference forward for element type BN_T. Included once per type by
+ * normalize.c. */
+#include "units_impl.h"
 
 int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y,
                                       bn_strides ys, const double *mean, const double *var,
                                       const double *gamma, const double *beta, double eps)
 {
     BN_T *coef;
-    if (!bn_shape_ok(s) || (s.channels > 0 && (!mean || !var))) return BN_ERR_ARG;
-    if (s.channels == 0 || s.outer == 0 || s.inner == 0) return BN_OK;
+    bn_tiling t;
+    ptrdiff_t u, C = s.channels;
+    int nt;
+    if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
+    if (C == 0 || s.outer == 0 || s.inner == 0) return BN_OK;
     if (!x || !y) return BN_ERR_ARG;
-    coef = (BN_T *)malloc(sizeof(BN_T) * 3 * (size_t)s.channels);
+    coef = (BN_T *)malloc(sizeof(BN_T) * 3 * (size_t)C);
     if (!coef) return BN_ERR_NOMEM;
-    FN(affine_coefficients)(s.channels, mean, var, gamma, beta, eps, coef, coef + s.channels,
-                            coef + 2 * s.channels);
-    FN(affine_apply)(s, x, xs, y, ys, coef, coef + s.channels, coef + 2 * s.channels);
+    FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, coef, coef + C, coef + 2 * C);
+    t = bn_make_tiling(s, 0, C);
+    nt = bn_threads_for(s.outer * C * s.inner, t.units);
+    if (nt > 1) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic) num_threads(nt)
+#endif
+        for (u = 0; u < t.units; ++u)
+            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C);
+    } else {
+        for (u = 0; u < t.units; ++u)
+            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C);
+    }
     free(coef);
     return BN_OK;
 }
 
+/* The chunk loop of the training forward. Its worksharing constructs bind to the caller's
+ * team: called inside a parallel region the threads share each pass, called outside it runs
+ * serially with no OpenMP overhead. */
+static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, bn_strides ys,
+                             const double *gamma, const double *beta, double eps, double *mean,
+                             double *var, ptrdiff_t cc, ptrdiff_t parts, double *scratch,
+                             BN_T *coef)
+{
+    ptrdiff_t c0, u, C = s.channels;
+    for (c0 = 0; c0 < C; c0 += cc) {
+        bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic)
+#endif
+        for (u = 0; u < t.units; ++u)
+            FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + cc * parts);
+#ifdef _OPENMP
+#pragma omp single
+#endif
+        {
+            bn_merge_moments(&t, s, scratch, scratch + cc * parts, mean + c0, var + c0);
+            FN(affine_coefficients)(c0, t.c_count, mean, var, gamma, beta, eps, coef, coef + C,
+                                    coef + 2 * C);
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic)
+#endif
+        for (u = 0; u < t.units; ++u)
+            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C);
+    }
+}
+
+/* Statistics and normalization, chunk by chunk of channels: a chunk's x is read from memory
+ * by the statistics pass and again from cache by the normalize pass, so a large tensor costs
+ * about one read and one write. */
 int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y,
                                        bn_strides ys, const double *gamma, const double *beta,
                                        double eps, double *mean, double *var)
 {
-    int rc = BN_EXPORT(bn_stats, BN_TN)(s, x, xs, mean, var);
-    if (rc != BN_OK) return rc;
-    return BN_EXPORT(bn_forward_eval, BN_TN)(s, x, xs, y, ys, mean, var, gamma, beta, eps);
+    ptrdiff_t C = s.channels, cc, parts, k;
+    double *scratch;
+    BN_T *coef;
+    int nt;
+    if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
+    if (C == 0) return BN_OK;
+    if (s.outer == 0 || s.inner == 0) {
+        for (k = 0; k < C; ++k) mean[k] = var[k] = NAN;
+        return BN_OK;
+    }
+    if (!x || !y) return BN_ERR_ARG;
+    cc = bn_chunk_channels(s, 1, sizeof(BN_T));
+    parts = bn_make_tiling(s, 0, cc).parts;
+    scratch = (double *)malloc(sizeof(double) * 2 * (size_t)(cc * parts));
+    coef = (BN_T *)malloc(sizeof(BN_T) * 3 * (size_t)C);
+    if (!scratch || !coef) {
+        free(scratch), free(coef);
+        return BN_ERR_NOMEM;
+    }
+    nt = bn_threads_for(s.outer * C * s.inner, bn_make_tiling(s, 0, cc).units);
+    if (nt > 1) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, cc, parts, scratch, coef);
+    } else {
+        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, cc, parts, scratch, coef);
+    }
+    free(scratch), free(coef);
+    return BN_OK;
 }
 
 #undef FN

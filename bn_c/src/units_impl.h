@@ -1,0 +1,154 @@
+/* What one work unit does (see unit.h for where a unit lies), for element type BN_T.
+ * Included once per element type by each kernel family; no include guard on purpose. */
+#include <float.h>
+
+#include "runs_impl.h"
+
+/* Partial mean and M2 (sum of squared deviations) of a unit: two passes over the unit, the
+ * second from cache; the mean is refined by the mean deviation so that a constant channel
+ * gets its value back exactly. Traffic: one read of x. */
+static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
+                                  ptrdiff_t u, double *pmean, double *pm2)
+{
+    bn_unit w = bn_unit_at(t, s, u);
+    ptrdiff_t o, j;
+    if (t->planar) {
+        for (j = 0; j < w.cn; ++j) {
+            const BN_T *base = BN_AT(x, xs, w.o0, w.c0 + j, w.i0);
+            double n = (double)(w.rows * w.len), sum = 0.0, sd = 0.0, sdd = 0.0, m1;
+            for (o = 0; o < w.rows; ++o)
+                sum += FN(run_sum_rough)(base + o * xs.outer, w.len, xs.inner);
+            m1 = sum / n;
+            if (!(fabs(m1) <= DBL_MAX)) { /* the quick sum overflowed, or data not finite */
+                for (sum = 0.0, o = 0; o < w.rows; ++o)
+                    sum += FN(run_sum)(base + o * xs.outer, w.len, xs.inner);
+                m1 = sum / n;
+            }
+            for (o = 0; o < w.rows; ++o)
+                FN(run_dev)(base + o * xs.outer, w.len, xs.inner, m1, &sd, &sdd);
+            pmean[w.slot + j * t->parts] = m1 + sd / n;
+            pm2[w.slot + j * t->parts] = sdd - sd * (sd / n);
+        }
+    } else {
+        double acc[BN_MAX_CHANNEL_BLOCK], sd[BN_MAX_CHANNEL_BLOCK], sdd[BN_MAX_CHANNEL_BLOCK];
+        const BN_T *base = BN_AT(x, xs, w.o0, w.c0, 0);
+        double n = (double)w.rows;
+        for (j = 0; j < w.cn; ++j) acc[j] = sd[j] = sdd[j] = 0.0;
+        FN(cols_sum_rows_rough)(base, xs.outer, w.rows, xs.channel, w.cn, acc);
+        for (j = 0; j < w.cn; ++j) {
+            acc[j] /= n;
+            if (!(fabs(acc[j]) <= DBL_MAX)) { /* overflow in the quick sum: redo exactly */
+                for (j = 0; j < w.cn; ++j) acc[j] = 0.0;
+                FN(cols_sum_rows)(base, xs.outer, w.rows, xs.channel, w.cn, acc);
+                for (j = 0; j < w.cn; ++j) acc[j] /= n;
+                break;
+            }
+        }
+        FN(cols_dev_rows)(base, xs.outer, w.rows, xs.channel, w.cn, acc, sd, sdd);
+        for (j = 0; j < w.cn; ++j) {
+            pmean[w.slot + j * t->parts] = acc[j] + sd[j] / n;
+            pm2[w.slot + j * t->parts] = sdd[j] - sd[j] * (sd[j] / n);
+        }
+    }
+}
+
+/* Per-channel coefficients of y = (x - m) * a + b in the storage type, for channels
+ * [c0, c0 + cc). m is the mean rounded to BN_T; the rounding is folded into b (in double),
+ * so x - m is exact for x near the mean and the output keeps full precision even when the
+ * mean is large next to the spread. */
+static inline void FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const double *mean,
+                                           const double *var, const double *gamma,
+                                           const double *beta, double eps, BN_T *m, BN_T *a,
+                                           BN_T *b)
+{
+    ptrdiff_t c;
+    for (c = c0; c < c0 + cc; ++c) {
+        double scale = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps);
+        m[c] = (BN_T)mean[c];
+        a[c] = (BN_T)scale;
+        b[c] = (BN_T)((beta ? beta[c] : 0.0) + ((double)m[c] - mean[c]) * scale);
+    }
+}
+
+/* y = (x - m) * a + b over a unit. Traffic: read x, write y. */
+static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
+                                   BN_T *y, bn_strides ys, ptrdiff_t u, const BN_T *m,
+                                   const BN_T *a, const BN_T *b)
+{
+    bn_unit w = bn_unit_at(t, s, u);
+    ptrdiff_t o, c;
+    if (t->planar) {
+        for (c = w.c0; c < w.c0 + w.cn; ++c)
+            for (o = w.o0; o < w.o0 + w.rows; ++o)
+                FN(run_affine)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
+                               ys.inner, w.len, m[c], a[c], b[c]);
+    } else {
+        for (c = w.c0, o = w.o0; o < w.o0 + w.rows; ++o)
+            FN(cols_affine)(BN_AT(x, xs, o, c, 0), xs.channel, BN_AT(y, ys, o, c, 0), ys.channel,
+                            w.cn, m + c, a + c, b + c);
+    }
+}
+
+/* Partial sums of dy and dy * (x - mean) of a unit. Traffic: read dy and x. */
+static inline void FN(bwd_sums_unit)(const bn_tiling *t, bn_shape s, const BN_T *dy,
+                                     bn_strides dys, const BN_T *x, bn_strides xs,
+                                     const double *mean, ptrdiff_t u, double *psdy,
+                                     double *psdyx)
+{
+    bn_unit w = bn_unit_at(t, s, u);
+    ptrdiff_t o, j;
+    if (t->planar) {
+        for (j = 0; j < w.cn; ++j) {
+            ptrdiff_t c = w.c0 + j;
+            double sdy = 0.0, sdyx = 0.0;
+            for (o = w.o0; o < w.o0 + w.rows; ++o)
+                FN(run_bwd_sums)(BN_AT(dy, dys, o, c, w.i0), dys.inner, BN_AT(x, xs, o, c, w.i0),
+                                 xs.inner, w.len, mean[c], &sdy, &sdyx);
+            psdy[w.slot + j * t->parts] = sdy;
+            psdyx[w.slot + j * t->parts] = sdyx;
+        }
+    } else {
+        double sdy[BN_MAX_CHANNEL_BLOCK], sdyx[BN_MAX_CHANNEL_BLOCK];
+        for (j = 0; j < w.cn; ++j) sdy[j] = sdyx[j] = 0.0;
+        FN(cols_bwd_sums_rows)(BN_AT(dy, dys, w.o0, w.c0, 0), dys.outer, dys.channel,
+                               BN_AT(x, xs, w.o0, w.c0, 0), xs.outer, xs.channel, w.rows, w.cn,
+                               mean + w.c0, sdy, sdyx);
+        for (j = 0; j < w.cn; ++j) {
+            psdy[w.slot + j * t->parts] = sdy[j];
+            psdyx[w.slot + j * t->parts] = sdyx[j];
+        }
+    }
+}
+
+/* dx over a unit: a*dy + (b*(x-m) + c) (training) or a*dy (frozen: b == NULL).
+ * Traffic: read dy (and x), write dx. */
+static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *dy,
+                                   bn_strides dys, const BN_T *x, bn_strides xs, BN_T *dx,
+                                   bn_strides dxs, ptrdiff_t u, const BN_T *m, const BN_T *a,
+                                   const BN_T *b, const BN_T *c)
+{
+    bn_unit w = bn_unit_at(t, s, u);
+    ptrdiff_t o, k;
+    if (t->planar) {
+        for (k = w.c0; k < w.c0 + w.cn; ++k)
+            for (o = w.o0; o < w.o0 + w.rows; ++o) {
+                const BN_T *g = BN_AT(dy, dys, o, k, w.i0);
+                BN_T *d = BN_AT(dx, dxs, o, k, w.i0);
+                if (b)
+                    FN(run_bwd_dx)(g, dys.inner, BN_AT(x, xs, o, k, w.i0), xs.inner, d,
+                                   dxs.inner, w.len, m[k], a[k], b[k], c[k]);
+                else
+                    FN(run_scale)(g, dys.inner, d, dxs.inner, w.len, a[k]);
+            }
+    } else {
+        for (k = w.c0, o = w.o0; o < w.o0 + w.rows; ++o) {
+            const BN_T *g = BN_AT(dy, dys, o, k, 0);
+            BN_T *d = BN_AT(dx, dxs, o, k, 0);
+            if (b)
+                FN(cols_bwd_dx)(g, dys.channel, BN_AT(x, xs, o, k, 0), xs.channel, d,
+                                dxs.channel, w.cn, m + k, a + k, b + k, c + k);
+            else
+                FN(cols_scale)(g, dys.channel, d, dxs.channel, w.cn, a + k);
+        }
+    }
+}
