@@ -5,18 +5,18 @@
 
 #include "unit.h"
 
-#define BN_T float
-#define BN_TN f32
-#define BN_IS_F32 1
+#define BN_KIND BN_KIND_F32
 #include "backward_impl.h"
-#undef BN_T
-#undef BN_TN
-#undef BN_IS_F32
+#undef BN_KIND
 
-#define BN_T double
-#define BN_TN f64
-#define BN_IS_F32 0
+#define BN_KIND BN_KIND_F64
 #include "backward_impl.h"
-#undef BN_T
-#undef BN_TN
-#undef BN_IS_F32
+#undef BN_KIND
+
+#define BN_KIND BN_KIND_F16
+#include "backward_impl.h"
+#undef BN_KIND
+
+#define BN_KIND BN_KIND_BF16
+#include "backward_impl.h"
+#undef BN_KIND

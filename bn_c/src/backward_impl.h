@@ -6,20 +6,20 @@
 static void FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t C, double n,
                                  const double *mean, const double *var, const double *gamma,
                                  double eps, int training, const double *sdy,
-                                 const double *sdyx, BN_T *coef, double *dgamma, double *dbeta)
+                                 const double *sdyx, BN_CT *coef, double *dgamma, double *dbeta)
 {
     ptrdiff_t k;
     for (k = c0; k < c0 + cc; ++k) {
         double inv = 1.0 / sqrt(var[k] + eps), a = (gamma ? gamma[k] : 1.0) * inv;
         if (dbeta) dbeta[k] = sdy[k - c0];
         if (dgamma) dgamma[k] = sdyx[k - c0] * inv;
-        coef[k] = (BN_T)mean[k];
-        coef[C + k] = (BN_T)a;
+        coef[k] = (BN_CT)mean[k];
+        coef[C + k] = (BN_CT)a;
         if (training) {
             /* dx = a*dy + b*(x - mean) + c, with the rounding of the mean folded into c */
             double b = -a * inv * inv * sdyx[k - c0] / n, c = -a * sdy[k - c0] / n;
-            coef[2 * C + k] = (BN_T)b;
-            coef[3 * C + k] = (BN_T)(c + b * ((double)coef[k] - mean[k]));
+            coef[2 * C + k] = (BN_CT)b;
+            coef[3 * C + k] = (BN_CT)(c + b * ((double)coef[k] - mean[k]));
         }
     }
 }
@@ -30,13 +30,13 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
                                 bn_strides xs, BN_T *dx, bn_strides dxs, const double *mean,
                                 const double *var, const double *gamma, double eps,
                                 int training, double *dgamma, double *dbeta, ptrdiff_t cc,
-                                ptrdiff_t parts, double *sums, BN_T *coef)
+                                ptrdiff_t parts, double *sums, BN_CT *coef)
 {
     ptrdiff_t C = s.channels, c0, u;
     int need_sums = training || dgamma || dbeta;
     double n = (double)(s.outer * s.inner);
     double *psdy = sums, *psdyx = sums + cc * parts, *sdy = psdyx + cc * parts, *sdyx = sdy + cc;
-    const BN_T *b = training ? coef + 2 * C : NULL;
+    const BN_CT *b = training ? coef + 2 * C : NULL;
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
         if (need_sums) {
@@ -73,7 +73,7 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
                                   int training, double *dgamma, double *dbeta)
 {
     double *sums;
-    BN_T *coef;
+    BN_CT *coef;
     ptrdiff_t k, C = s.channels, cc, parts;
     int nt, need_sums = training || dgamma || dbeta;
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
@@ -86,10 +86,10 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
         return BN_OK;
     }
     if (!dy || (need_sums && !x)) return BN_ERR_ARG;
-    cc = bn_chunk_channels(s, need_sums ? 2 : 1, sizeof(BN_T));
+    cc = bn_chunk_channels(s, need_sums ? 2 : 1, sizeof(BN_CT));
     parts = bn_make_tiling(s, 0, cc).parts;
     sums = (double *)malloc(sizeof(double) * 2 * (size_t)(cc * parts + cc));
-    coef = (BN_T *)malloc(sizeof(BN_T) * 4 * (size_t)C);
+    coef = (BN_CT *)malloc(sizeof(BN_CT) * 4 * (size_t)C);
     if (!sums || !coef) {
         free(sums), free(coef);
         return BN_ERR_NOMEM;

@@ -6,71 +6,70 @@
 
 #include "internal.h"
 
-#define BN_DECLARE_ISA(isa)                                                                       \
-    int bn_stats_f32_##isa(bn_shape, const float *, bn_strides, double *, double *);              \
-    int bn_stats_f64_##isa(bn_shape, const double *, bn_strides, double *, double *);             \
-    int bn_forward_train_f32_##isa(bn_shape, const float *, bn_strides, float *, bn_strides,      \
-                                   const double *, const double *, double, double *, double *);   \
-    int bn_forward_train_f64_##isa(bn_shape, const double *, bn_strides, double *, bn_strides,    \
-                                   const double *, const double *, double, double *, double *);   \
-    int bn_forward_eval_f32_##isa(bn_shape, const float *, bn_strides, float *, bn_strides,       \
-                                  const double *, const double *, const double *, const double *, \
-                                  double);                                                        \
-    int bn_forward_eval_f64_##isa(bn_shape, const double *, bn_strides, double *, bn_strides,     \
-                                  const double *, const double *, const double *, const double *, \
-                                  double);                                                        \
-    int bn_backward_f32_##isa(bn_shape, const float *, bn_strides, const float *, bn_strides,     \
-                              float *, bn_strides, const double *, const double *,                \
-                              const double *, double, int, double *, double *);                   \
-    int bn_backward_f64_##isa(bn_shape, const double *, bn_strides, const double *, bn_strides,   \
-                              double *, bn_strides, const double *, const double *,               \
-                              const double *, double, int, double *, double *);
+/* Every (element name, storage type) pair, and the signature of each operation. */
+#define BN_ELEMENT_TYPES(X) X(f32, float) X(f64, double) X(f16, uint16_t) X(bf16, uint16_t)
 
-#define BN_KERNELS_OF(isa)                                                                        \
-    {                                                                                             \
-#isa, bn_stats_f32_##isa, bn_stats_f64_##isa, bn_forward_train_f32_##isa,                 \
-            bn_forward_train_f64_##isa, bn_forward_eval_f32_##isa, bn_forward_eval_f64_##isa,     \
-            bn_backward_f32_##isa, bn_backward_f64_##isa                                          \
-    }
+#define BN_STATS_ARGS(T) (bn_shape s, const T *x, bn_strides xs, double *mean, double *var)
+#define BN_STATS_CALL (s, x, xs, mean, var)
+#define BN_TRAIN_ARGS(T)                                                                          \
+    (bn_shape s, const T *x, bn_strides xs, T *y, bn_strides ys, const double *gamma,             \
+     const double *beta, double eps, double *mean, double *var)
+#define BN_TRAIN_CALL (s, x, xs, y, ys, gamma, beta, eps, mean, var)
+#define BN_EVAL_ARGS(T)                                                                           \
+    (bn_shape s, const T *x, bn_strides xs, T *y, bn_strides ys, const double *mean,              \
+     const double *var, const double *gamma, const double *beta, double eps)
+#define BN_EVAL_CALL (s, x, xs, y, ys, mean, var, gamma, beta, eps)
+#define BN_BACKWARD_ARGS(T)                                                                       \
+    (bn_shape s, const T *dy, bn_strides dys, const T *x, bn_strides xs, T *dx, bn_strides dxs,   \
+     const double *mean, const double *var, const double *gamma, double eps, int training,        \
+     double *dgamma, double *dbeta)
+#define BN_BACKWARD_CALL (s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, dgamma, dbeta)
 
+#define BN_OPS(X, tn, T)                                                                          \
+    X(stats, tn, BN_STATS_ARGS(T), BN_STATS_CALL)                                                 \
+    X(forward_train, tn, BN_TRAIN_ARGS(T), BN_TRAIN_CALL)                                         \
+    X(forward_eval, tn, BN_EVAL_ARGS(T), BN_EVAL_CALL)                                            \
+    X(backward, tn, BN_BACKWARD_ARGS(T), BN_BACKWARD_CALL)
+
+/* The table of one kernel set. */
+#define BN_FIELD(op, tn, args, call) int(*op##_##tn) args;
+#define BN_FIELDS_OF_TYPE(tn, T) BN_OPS(BN_FIELD, tn, T)
 typedef struct bn_kernels {
     const char *name;
-    int (*stats_f32)(bn_shape, const float *, bn_strides, double *, double *);
-    int (*stats_f64)(bn_shape, const double *, bn_strides, double *, double *);
-    int (*forward_train_f32)(bn_shape, const float *, bn_strides, float *, bn_strides,
-                             const double *, const double *, double, double *, double *);
-    int (*forward_train_f64)(bn_shape, const double *, bn_strides, double *, bn_strides,
-                             const double *, const double *, double, double *, double *);
-    int (*forward_eval_f32)(bn_shape, const float *, bn_strides, float *, bn_strides,
-                            const double *, const double *, const double *, const double *,
-                            double);
-    int (*forward_eval_f64)(bn_shape, const double *, bn_strides, double *, bn_strides,
-                            const double *, const double *, const double *, const double *,
-                            double);
-    int (*backward_f32)(bn_shape, const float *, bn_strides, const float *, bn_strides, float *,
-                        bn_strides, const double *, const double *, const double *, double, int,
-                        double *, double *);
-    int (*backward_f64)(bn_shape, const double *, bn_strides, const double *, bn_strides,
-                        double *, bn_strides, const double *, const double *, const double *,
-                        double, int, double *, double *);
+    BN_ELEMENT_TYPES(BN_FIELDS_OF_TYPE)
 } bn_kernels;
 
-BN_DECLARE_ISA(baseline)
+/* Declarations and table entries of each compiled kernel set. */
+#define BN_DECLARE(op, tn, args, call) int BN_CAT3(bn_##op, tn, BN_DECL_ISA) args;
+#define BN_DECLARE_OF_TYPE(tn, T) BN_OPS(BN_DECLARE, tn, T)
+#define BN_ENTRY(op, tn, args, call) BN_CAT3(bn_##op, tn, BN_DECL_ISA),
+#define BN_ENTRY_OF_TYPE(tn, T) BN_OPS(BN_ENTRY, tn, T)
+
+#define BN_DECL_ISA baseline
+BN_ELEMENT_TYPES(BN_DECLARE_OF_TYPE)
+static const bn_kernels kernels_baseline = {"baseline", BN_ELEMENT_TYPES(BN_ENTRY_OF_TYPE)};
+#undef BN_DECL_ISA
 #ifdef BN_HAVE_AVX2
-BN_DECLARE_ISA(avx2)
+#define BN_DECL_ISA avx2
+BN_ELEMENT_TYPES(BN_DECLARE_OF_TYPE)
+static const bn_kernels kernels_avx2 = {"avx2", BN_ELEMENT_TYPES(BN_ENTRY_OF_TYPE)};
+#undef BN_DECL_ISA
 #endif
 #ifdef BN_HAVE_AVX512
-BN_DECLARE_ISA(avx512)
+#define BN_DECL_ISA avx512
+BN_ELEMENT_TYPES(BN_DECLARE_OF_TYPE)
+static const bn_kernels kernels_avx512 = {"avx512", BN_ELEMENT_TYPES(BN_ENTRY_OF_TYPE)};
+#undef BN_DECL_ISA
 #endif
 
 /* Best last. */
-static const bn_kernels all_kernels[] = {
-    BN_KERNELS_OF(baseline),
+static const bn_kernels *const all_kernels[] = {
+    &kernels_baseline,
 #ifdef BN_HAVE_AVX2
-    BN_KERNELS_OF(avx2),
+    &kernels_avx2,
 #endif
 #ifdef BN_HAVE_AVX512
-    BN_KERNELS_OF(avx512),
+    &kernels_avx512,
 #endif
 };
 #define BN_N_KERNELS ((int)(sizeof(all_kernels) / sizeof(all_kernels[0])))
@@ -82,10 +81,13 @@ static int cpu_supports(const char *name)
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
     __builtin_cpu_init();
     if (strcmp(name, "avx2") == 0)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
     if (strcmp(name, "avx512") == 0)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
 #endif
     return 0;
 }
@@ -94,8 +96,8 @@ static const bn_kernels *find_kernels(const char *name)
 {
     int i;
     for (i = 0; i < BN_N_KERNELS; ++i)
-        if (name && strcmp(all_kernels[i].name, name) == 0 && cpu_supports(name))
-            return &all_kernels[i];
+        if (name && strcmp(all_kernels[i]->name, name) == 0 && cpu_supports(name))
+            return all_kernels[i];
     return NULL;
 }
 
@@ -108,7 +110,7 @@ static const bn_kernels *kernels(void)
         const bn_kernels *k = forced && *forced ? find_kernels(forced) : NULL;
         int i;
         for (i = BN_N_KERNELS - 1; !k && i >= 0; --i)
-            if (cpu_supports(all_kernels[i].name)) k = &all_kernels[i];
+            if (cpu_supports(all_kernels[i]->name)) k = all_kernels[i];
         active = k;
     }
     return active;
@@ -126,58 +128,8 @@ int bn_set_isa(const char *name)
     return BN_OK;
 }
 
-int bn_stats_f32(bn_shape s, const float *x, bn_strides xs, double *mean, double *var)
-{
-    return kernels()->stats_f32(s, x, xs, mean, var);
-}
-
-int bn_stats_f64(bn_shape s, const double *x, bn_strides xs, double *mean, double *var)
-{
-    return kernels()->stats_f64(s, x, xs, mean, var);
-}
-
-int bn_forward_train_f32(bn_shape s, const float *x, bn_strides xs, float *y, bn_strides ys,
-                         const double *gamma, const double *beta, double eps, double *mean,
-                         double *var)
-{
-    return kernels()->forward_train_f32(s, x, xs, y, ys, gamma, beta, eps, mean, var);
-}
-
-int bn_forward_train_f64(bn_shape s, const double *x, bn_strides xs, double *y, bn_strides ys,
-                         const double *gamma, const double *beta, double eps, double *mean,
-                         double *var)
-{
-    return kernels()->forward_train_f64(s, x, xs, y, ys, gamma, beta, eps, mean, var);
-}
-
-int bn_forward_eval_f32(bn_shape s, const float *x, bn_strides xs, float *y, bn_strides ys,
-                        const double *mean, const double *var, const double *gamma,
-                        const double *beta, double eps)
-{
-    return kernels()->forward_eval_f32(s, x, xs, y, ys, mean, var, gamma, beta, eps);
-}
-
-int bn_forward_eval_f64(bn_shape s, const double *x, bn_strides xs, double *y, bn_strides ys,
-                        const double *mean, const double *var, const double *gamma,
-                        const double *beta, double eps)
-{
-    return kernels()->forward_eval_f64(s, x, xs, y, ys, mean, var, gamma, beta, eps);
-}
-
-int bn_backward_f32(bn_shape s, const float *dy, bn_strides dys, const float *x, bn_strides xs,
-                    float *dx, bn_strides dxs, const double *mean, const double *var,
-                    const double *gamma, double eps, int training, double *dgamma,
-                    double *dbeta)
-{
-    return kernels()->backward_f32(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training,
-                                   dgamma, dbeta);
-}
-
-int bn_backward_f64(bn_shape s, const double *dy, bn_strides dys, const double *x,
-                    bn_strides xs, double *dx, bn_strides dxs, const double *mean,
-                    const double *var, const double *gamma, double eps, int training,
-                    double *dgamma, double *dbeta)
-{
-    return kernels()->backward_f64(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training,
-                                   dgamma, dbeta);
-}
+/* The public functions: forward to the active kernel set. */
+#define BN_FORWARD(op, tn, args, call)                                                            \
+    int bn_##op##_##tn args { return kernels()->op##_##tn call; }
+#define BN_FORWARD_OF_TYPE(tn, T) BN_OPS(BN_FORWARD, tn, T)
+BN_ELEMENT_TYPES(BN_FORWARD_OF_TYPE)

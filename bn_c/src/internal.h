@@ -15,6 +15,12 @@
 #define BN_CAT2_(a, b) a##_##b
 #define BN_CAT2(a, b) BN_CAT2_(a, b)
 
+/* Element types of the kernel templates (see eltype.h). */
+#define BN_KIND_F32 0
+#define BN_KIND_F64 1
+#define BN_KIND_F16 2
+#define BN_KIND_BF16 3
+
 /* Elements in one work unit. Small enough that a unit stays in L2 between its two passes,
  * large enough that the per-unit overhead vanishes. It never depends on the thread count, so
  * the partial results, merged in a fixed order, are the same for any number of threads. */

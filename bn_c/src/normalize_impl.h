@@ -6,14 +6,14 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
                                       bn_strides ys, const double *mean, const double *var,
                                       const double *gamma, const double *beta, double eps)
 {
-    BN_T *coef;
+    BN_CT *coef;
     bn_tiling t;
     ptrdiff_t u, C = s.channels;
     int nt;
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (C == 0 || s.outer == 0 || s.inner == 0) return BN_OK;
     if (!x || !y) return BN_ERR_ARG;
-    coef = (BN_T *)malloc(sizeof(BN_T) * 3 * (size_t)C);
+    coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)C);
     if (!coef) return BN_ERR_NOMEM;
     FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, coef, coef + C, coef + 2 * C);
     t = bn_make_tiling(s, 0, C);
@@ -38,7 +38,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
 static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, bn_strides ys,
                              const double *gamma, const double *beta, double eps, double *mean,
                              double *var, ptrdiff_t cc, ptrdiff_t parts, double *scratch,
-                             BN_T *coef)
+                             BN_CT *coef)
 {
     ptrdiff_t c0, u, C = s.channels;
     for (c0 = 0; c0 < C; c0 += cc) {
@@ -73,7 +73,7 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
 {
     ptrdiff_t C = s.channels, cc, parts, k;
     double *scratch;
-    BN_T *coef;
+    BN_CT *coef;
     int nt;
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (C == 0) return BN_OK;
@@ -82,10 +82,10 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
         return BN_OK;
     }
     if (!x || !y) return BN_ERR_ARG;
-    cc = bn_chunk_channels(s, 1, sizeof(BN_T));
+    cc = bn_chunk_channels(s, 1, sizeof(BN_CT));
     parts = bn_make_tiling(s, 0, cc).parts;
     scratch = (double *)malloc(sizeof(double) * 2 * (size_t)(cc * parts));
-    coef = (BN_T *)malloc(sizeof(BN_T) * 3 * (size_t)C);
+    coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)C);
     if (!scratch || !coef) {
         free(scratch), free(coef);
         return BN_ERR_NOMEM;

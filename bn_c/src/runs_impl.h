@@ -1,18 +1,16 @@
-/* Innermost loops over one run of elements, for element type BN_T (name BN_TN).
- * Included by each kernel family once per element type; no include guard on purpose.
+/* Innermost loops for the element type chosen by BN_KIND (see eltype.h). Included by each
+ * kernel family once per element type; no include guard on purpose.
  *
  * "run" loops walk n elements of one channel (stride st) and reduce them to scalars.
- * "cols" loops walk one row across cn channels (stride st) and update per-channel arrays.
- * Accumulation is in double; the results depend only on the data, never on the threads. */
+ * "cols" loops walk a row across cn channels (stride st); "rows" variants walk many rows.
+ * Accumulation is in double; the results depend only on the data, never on the threads.
+ * With SIMD (AVX2+FMA) the reductions use 4-lane double vectors with independent
+ * accumulators and the elementwise loops native-width vectors of the compute type. */
+#include "eltype.h"
+
 #define FN(name) BN_CAT2(name, BN_TN)
 
-/* With AVX2+FMA (the avx2 and avx512 builds) the reductions below use 4-lane double
- * vectors with several independent accumulators; elements are widened to double on load.
- * The elementwise loops are left to the compiler, which vectorizes them in those builds. */
-#if defined(__AVX2__) && defined(__FMA__)
-#define BN_SIMD_REDUCE 1
-#include <immintrin.h>
-#ifndef BN_HSUM4_DEFINED
+#if BN_SIMD && !defined(BN_HSUM4_DEFINED)
 #define BN_HSUM4_DEFINED
 /* (v0 + v2) + (v1 + v3): a fixed order, so results are reproducible */
 static inline double bn_hsum4(__m256d v)
@@ -21,55 +19,21 @@ static inline double bn_hsum4(__m256d v)
     __m128d s = _mm_add_pd(lo, hi);
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
-#endif
-#undef BN_LOAD4D
-#if BN_IS_F32
-#define BN_LOAD4D(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
-#else
-#define BN_LOAD4D(p) _mm256_loadu_pd(p)
-#endif
-/* Native-width vectors of the element type, for the elementwise loops. */
-#undef BN_V
-#undef BN_W
-#undef BN_VLOAD
-#undef BN_VSTORE
-#undef BN_VSET1
-#undef BN_VSUB
-#undef BN_VMUL
-#undef BN_VFMA
-#undef BN_SFMA
-#if BN_IS_F32
-#define BN_V __m256
-#define BN_W 8
-#define BN_VLOAD _mm256_loadu_ps
-#define BN_VSTORE _mm256_storeu_ps
-#define BN_VSET1 _mm256_set1_ps
-#define BN_VSUB _mm256_sub_ps
-#define BN_VMUL _mm256_mul_ps
-#define BN_VFMA _mm256_fmadd_ps
-#define BN_SFMA fmaf
-#else
-#define BN_V __m256d
-#define BN_W 4
-#define BN_VLOAD _mm256_loadu_pd
-#define BN_VSTORE _mm256_storeu_pd
-#define BN_VSET1 _mm256_set1_pd
-#define BN_VSUB _mm256_sub_pd
-#define BN_VMUL _mm256_mul_pd
-#define BN_VFMA _mm256_fmadd_pd
-#define BN_SFMA fma
-#endif
-#else
-#define BN_SIMD_REDUCE 0
+
+static inline double bn_hsum8f(__m256 v)
+{
+    return bn_hsum4(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                                  _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+}
 #endif
 
 /* sum of x */
 static inline double FN(run_sum)(const BN_T *x, ptrdiff_t n, ptrdiff_t st)
 {
-    double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    double a0 = 0, a1 = 0;
     ptrdiff_t i = 0;
     if (st == 1) {
-#if BN_SIMD_REDUCE
+#if BN_SIMD
         __m256d v0 = _mm256_setzero_pd(), v1 = v0, v2 = v0, v3 = v0;
         for (; i + 16 <= n; i += 16) {
             v0 = _mm256_add_pd(v0, BN_LOAD4D(x + i));
@@ -80,38 +44,32 @@ static inline double FN(run_sum)(const BN_T *x, ptrdiff_t n, ptrdiff_t st)
         for (; i + 4 <= n; i += 4) v0 = _mm256_add_pd(v0, BN_LOAD4D(x + i));
         a0 = bn_hsum4(_mm256_add_pd(_mm256_add_pd(v0, v1), _mm256_add_pd(v2, v3)));
 #endif
-        for (; i + 4 <= n; i += 4) {
-            a0 += (double)x[i], a1 += (double)x[i + 1];
-            a2 += (double)x[i + 2], a3 += (double)x[i + 3];
-        }
-        for (; i < n; ++i) a0 += (double)x[i];
+        for (; i + 2 <= n; i += 2) a0 += (double)BN_LD(x + i), a1 += (double)BN_LD(x + i + 1);
+        for (; i < n; ++i) a0 += (double)BN_LD(x + i);
     } else {
-        for (; i < n; ++i) a0 += (double)x[i * st];
+        for (; i < n; ++i) a0 += (double)BN_LD(x + i * st);
     }
-    return (a0 + a1) + (a2 + a3);
+    return a0 + a1;
 }
 
 /* A quick sum of x for the provisional mean of the two-pass statistics, which only has to
- * be close: the second pass measures and removes its error exactly. float32 data is summed
- * in float32 lanes (8 per vector, no widening); overflow is caught by the caller. */
+ * be close: the second pass measures and removes its error exactly. Narrow types are summed
+ * in float lanes (8 per vector, no widening); overflow is caught by the caller. */
 static inline double FN(run_sum_rough)(const BN_T *x, ptrdiff_t n, ptrdiff_t st)
 {
-#if BN_SIMD_REDUCE && BN_IS_F32
+#if BN_SIMD && BN_KIND != BN_KIND_F64
     if (st == 1 && n >= 32) {
         __m256 v0 = _mm256_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
         ptrdiff_t i = 0;
         double tail = 0.0;
         for (; i + 32 <= n; i += 32) {
-            v0 = _mm256_add_ps(v0, _mm256_loadu_ps(x + i));
-            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(x + i + 8));
-            v2 = _mm256_add_ps(v2, _mm256_loadu_ps(x + i + 16));
-            v3 = _mm256_add_ps(v3, _mm256_loadu_ps(x + i + 24));
+            v0 = _mm256_add_ps(v0, BN_LOAD8F(x + i));
+            v1 = _mm256_add_ps(v1, BN_LOAD8F(x + i + 8));
+            v2 = _mm256_add_ps(v2, BN_LOAD8F(x + i + 16));
+            v3 = _mm256_add_ps(v3, BN_LOAD8F(x + i + 24));
         }
-        for (; i < n; ++i) tail += (double)x[i];
-        v0 = _mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3));
-        return bn_hsum4(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v0)),
-                                      _mm256_cvtps_pd(_mm256_extractf128_ps(v0, 1)))) +
-               tail;
+        for (; i < n; ++i) tail += (double)BN_LD(x + i);
+        return bn_hsum8f(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3))) + tail;
     }
 #endif
     return FN(run_sum)(x, n, st);
@@ -124,7 +82,7 @@ static inline void FN(run_dev)(const BN_T *x, ptrdiff_t n, ptrdiff_t st, double 
     double d0 = 0, d1 = 0, q0 = 0, q1 = 0;
     ptrdiff_t i = 0;
     if (st == 1) {
-#if BN_SIMD_REDUCE
+#if BN_SIMD
         __m256d vm = _mm256_set1_pd(m), s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
         __m256d p0 = s0, p1 = s0, p2 = s0, p3 = s0;
         for (; i + 16 <= n; i += 16) {
@@ -145,43 +103,21 @@ static inline void FN(run_dev)(const BN_T *x, ptrdiff_t n, ptrdiff_t st, double 
         q0 = bn_hsum4(_mm256_add_pd(_mm256_add_pd(p0, p1), _mm256_add_pd(p2, p3)));
 #endif
         for (; i + 2 <= n; i += 2) {
-            double e0 = (double)x[i] - m, e1 = (double)x[i + 1] - m;
+            double e0 = (double)BN_LD(x + i) - m, e1 = (double)BN_LD(x + i + 1) - m;
             d0 += e0, d1 += e1, q0 += e0 * e0, q1 += e1 * e1;
         }
         for (; i < n; ++i) {
-            double e = (double)x[i] - m;
+            double e = (double)BN_LD(x + i) - m;
             d0 += e, q0 += e * e;
         }
     } else {
         for (; i < n; ++i) {
-            double e = (double)x[i * st] - m;
+            double e = (double)BN_LD(x + i * st) - m;
             d0 += e, q0 += e * e;
         }
     }
     *sd += d0 + d1;
     *sdd += q0 + q1;
-}
-
-/* y = (x - m) * a + b. In place (y == x) is fine: each vector is read before it is written. */
-static inline void FN(run_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
-                                  ptrdiff_t n, BN_T m, BN_T a, BN_T b)
-{
-    ptrdiff_t i = 0;
-    if (xst == 1 && yst == 1) {
-#if BN_SIMD_REDUCE
-        BN_V vm = BN_VSET1(m), va = BN_VSET1(a), vb = BN_VSET1(b);
-        for (; i + 2 * BN_W <= n; i += 2 * BN_W) {
-            BN_V y0 = BN_VFMA(BN_VSUB(BN_VLOAD(x + i), vm), va, vb);
-            BN_V y1 = BN_VFMA(BN_VSUB(BN_VLOAD(x + i + BN_W), vm), va, vb);
-            BN_VSTORE(y + i, y0), BN_VSTORE(y + i + BN_W, y1);
-        }
-        for (; i + BN_W <= n; i += BN_W) BN_VSTORE(y + i, BN_VFMA(BN_VSUB(BN_VLOAD(x + i), vm), va, vb));
-        for (; i < n; ++i) y[i] = BN_SFMA(x[i] - m, a, b);
-#endif
-        for (; i < n; ++i) y[i] = (x[i] - m) * a + b;
-    } else {
-        for (; i < n; ++i) y[i * yst] = (x[i * xst] - m) * a + b;
-    }
 }
 
 /* sum of dy and of dy * (x - m) */
@@ -191,7 +127,7 @@ static inline void FN(run_bwd_sums)(const BN_T *dy, ptrdiff_t dyst, const BN_T *
     double s0 = 0, s1 = 0, p0 = 0, p1 = 0;
     ptrdiff_t i = 0;
     if (dyst == 1 && xst == 1) {
-#if BN_SIMD_REDUCE
+#if BN_SIMD
         __m256d vm = _mm256_set1_pd(m), g0 = _mm256_setzero_pd(), g1 = g0, g2 = g0, g3 = g0;
         __m256d h0 = g0, h1 = g0, h2 = g0, h3 = g0;
         for (; i + 16 <= n; i += 16) {
@@ -213,112 +149,138 @@ static inline void FN(run_bwd_sums)(const BN_T *dy, ptrdiff_t dyst, const BN_T *
         p0 = bn_hsum4(_mm256_add_pd(_mm256_add_pd(h0, h1), _mm256_add_pd(h2, h3)));
 #endif
         for (; i + 2 <= n; i += 2) {
-            double g0 = (double)dy[i], g1 = (double)dy[i + 1];
+            double g0 = (double)BN_LD(dy + i), g1 = (double)BN_LD(dy + i + 1);
             s0 += g0, s1 += g1;
-            p0 += g0 * ((double)x[i] - m), p1 += g1 * ((double)x[i + 1] - m);
+            p0 += g0 * ((double)BN_LD(x + i) - m), p1 += g1 * ((double)BN_LD(x + i + 1) - m);
         }
         for (; i < n; ++i) {
-            double g = (double)dy[i];
-            s0 += g, p0 += g * ((double)x[i] - m);
+            double g = (double)BN_LD(dy + i);
+            s0 += g, p0 += g * ((double)BN_LD(x + i) - m);
         }
     } else {
         for (; i < n; ++i) {
-            double g = (double)dy[i * dyst];
-            s0 += g, p0 += g * ((double)x[i * xst] - m);
+            double g = (double)BN_LD(dy + i * dyst);
+            s0 += g, p0 += g * ((double)BN_LD(x + i * xst) - m);
         }
     }
     *sdy += s0 + s1;
     *sdyx += p0 + p1;
 }
 
+/* y = (x - m) * a + b. In place (y == x) is fine: each vector is read before it is written. */
+static inline void FN(run_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
+                                  ptrdiff_t n, BN_CT m, BN_CT a, BN_CT b)
+{
+    ptrdiff_t i = 0;
+    if (xst == 1 && yst == 1) {
+#if BN_SIMD
+        BN_V vm = BN_VSET1(m), va = BN_VSET1(a), vb = BN_VSET1(b);
+        for (; i + 2 * BN_W <= n; i += 2 * BN_W) {
+            BN_V y0 = BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), va, vb);
+            BN_V y1 = BN_VFMA(BN_VSUB(BN_VLD(x + i + BN_W), vm), va, vb);
+            BN_VST(y + i, y0), BN_VST(y + i + BN_W, y1);
+        }
+        for (; i + BN_W <= n; i += BN_W) BN_VST(y + i, BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), va, vb));
+        for (; i < n; ++i) BN_ST(y + i, BN_SFMA(BN_LD(x + i) - m, a, b));
+#endif
+        for (; i < n; ++i) BN_ST(y + i, (BN_LD(x + i) - m) * a + b);
+    } else {
+        for (; i < n; ++i) BN_ST(y + i * yst, (BN_LD(x + i * xst) - m) * a + b);
+    }
+}
+
 /* dx = a * dy + (b * (x - m) + c) */
 static inline void FN(run_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrdiff_t xst,
-                                  BN_T *dx, ptrdiff_t dxst, ptrdiff_t n, BN_T m, BN_T a, BN_T b,
-                                  BN_T c)
+                                  BN_T *dx, ptrdiff_t dxst, ptrdiff_t n, BN_CT m, BN_CT a,
+                                  BN_CT b, BN_CT c)
 {
     ptrdiff_t i = 0;
     if (dyst == 1 && xst == 1 && dxst == 1) {
-#if BN_SIMD_REDUCE
+#if BN_SIMD
         BN_V vm = BN_VSET1(m), va = BN_VSET1(a), vb = BN_VSET1(b), vc = BN_VSET1(c);
         for (; i + BN_W <= n; i += BN_W)
-            BN_VSTORE(dx + i, BN_VFMA(va, BN_VLOAD(dy + i),
-                                      BN_VFMA(BN_VSUB(BN_VLOAD(x + i), vm), vb, vc)));
-        for (; i < n; ++i) dx[i] = BN_SFMA(a, dy[i], BN_SFMA(x[i] - m, b, c));
+            BN_VST(dx + i,
+                   BN_VFMA(va, BN_VLD(dy + i), BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), vb, vc)));
+        for (; i < n; ++i) BN_ST(dx + i, BN_SFMA(a, BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m, b, c)));
 #endif
-        for (; i < n; ++i) dx[i] = a * dy[i] + ((x[i] - m) * b + c);
+        for (; i < n; ++i) BN_ST(dx + i, a * BN_LD(dy + i) + ((BN_LD(x + i) - m) * b + c));
     } else {
-        for (; i < n; ++i) dx[i * dxst] = a * dy[i * dyst] + ((x[i * xst] - m) * b + c);
+        for (; i < n; ++i)
+            BN_ST(dx + i * dxst, a * BN_LD(dy + i * dyst) + ((BN_LD(x + i * xst) - m) * b + c));
     }
 }
 
 /* dx = a * dy */
 static inline void FN(run_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrdiff_t dxst,
-                                 ptrdiff_t n, BN_T a)
+                                 ptrdiff_t n, BN_CT a)
 {
     ptrdiff_t i = 0;
     if (dyst == 1 && dxst == 1) {
-#if BN_SIMD_REDUCE
+#if BN_SIMD
         BN_V va = BN_VSET1(a);
-        for (; i + BN_W <= n; i += BN_W) BN_VSTORE(dx + i, BN_VMUL(va, BN_VLOAD(dy + i)));
+        for (; i + BN_W <= n; i += BN_W) BN_VST(dx + i, BN_VMUL(va, BN_VLD(dy + i)));
 #endif
-        for (; i < n; ++i) dx[i] = a * dy[i];
+        for (; i < n; ++i) BN_ST(dx + i, a * BN_LD(dy + i));
     } else {
-        for (; i < n; ++i) dx[i * dxst] = a * dy[i * dyst];
+        for (; i < n; ++i) BN_ST(dx + i * dxst, a * BN_LD(dy + i * dyst));
     }
 }
 
 /* y[j] = (x[j] - m[j]) * a[j] + b[j] */
 static inline void FN(cols_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
-                                   ptrdiff_t cn, const BN_T *m, const BN_T *a, const BN_T *b)
+                                   ptrdiff_t cn, const BN_CT *m, const BN_CT *a, const BN_CT *b)
 {
     ptrdiff_t j = 0;
     if (xst == 1 && yst == 1) {
-#if BN_SIMD_REDUCE
+#if BN_SIMD
         for (; j + BN_W <= cn; j += BN_W)
-            BN_VSTORE(y + j, BN_VFMA(BN_VSUB(BN_VLOAD(x + j), BN_VLOAD(m + j)), BN_VLOAD(a + j),
-                                     BN_VLOAD(b + j)));
-        for (; j < cn; ++j) y[j] = BN_SFMA(x[j] - m[j], a[j], b[j]);
+            BN_VST(y + j, BN_VFMA(BN_VSUB(BN_VLD(x + j), BN_VLDC(m + j)), BN_VLDC(a + j),
+                                  BN_VLDC(b + j)));
+        for (; j < cn; ++j) BN_ST(y + j, BN_SFMA(BN_LD(x + j) - m[j], a[j], b[j]));
 #endif
-        for (; j < cn; ++j) y[j] = (x[j] - m[j]) * a[j] + b[j];
+        for (; j < cn; ++j) BN_ST(y + j, (BN_LD(x + j) - m[j]) * a[j] + b[j]);
     } else {
-        for (; j < cn; ++j) y[j * yst] = (x[j * xst] - m[j]) * a[j] + b[j];
+        for (; j < cn; ++j) BN_ST(y + j * yst, (BN_LD(x + j * xst) - m[j]) * a[j] + b[j]);
     }
 }
 
 /* dx[j] = a[j] * dy[j] + (b[j] * (x[j] - m[j]) + c[j]) */
 static inline void FN(cols_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrdiff_t xst,
-                                   BN_T *dx, ptrdiff_t dxst, ptrdiff_t cn, const BN_T *m,
-                                   const BN_T *a, const BN_T *b, const BN_T *c)
+                                   BN_T *dx, ptrdiff_t dxst, ptrdiff_t cn, const BN_CT *m,
+                                   const BN_CT *a, const BN_CT *b, const BN_CT *c)
 {
     ptrdiff_t j = 0;
     if (dyst == 1 && xst == 1 && dxst == 1) {
-#if BN_SIMD_REDUCE
+#if BN_SIMD
         for (; j + BN_W <= cn; j += BN_W)
-            BN_VSTORE(dx + j, BN_VFMA(BN_VLOAD(a + j), BN_VLOAD(dy + j),
-                                      BN_VFMA(BN_VSUB(BN_VLOAD(x + j), BN_VLOAD(m + j)),
-                                              BN_VLOAD(b + j), BN_VLOAD(c + j))));
-        for (; j < cn; ++j) dx[j] = BN_SFMA(a[j], dy[j], BN_SFMA(x[j] - m[j], b[j], c[j]));
+            BN_VST(dx + j, BN_VFMA(BN_VLDC(a + j), BN_VLD(dy + j),
+                                   BN_VFMA(BN_VSUB(BN_VLD(x + j), BN_VLDC(m + j)),
+                                           BN_VLDC(b + j), BN_VLDC(c + j))));
+        for (; j < cn; ++j)
+            BN_ST(dx + j, BN_SFMA(a[j], BN_LD(dy + j), BN_SFMA(BN_LD(x + j) - m[j], b[j], c[j])));
 #endif
-        for (; j < cn; ++j) dx[j] = a[j] * dy[j] + ((x[j] - m[j]) * b[j] + c[j]);
+        for (; j < cn; ++j)
+            BN_ST(dx + j, a[j] * BN_LD(dy + j) + ((BN_LD(x + j) - m[j]) * b[j] + c[j]));
     } else {
         for (; j < cn; ++j)
-            dx[j * dxst] = a[j] * dy[j * dyst] + ((x[j * xst] - m[j]) * b[j] + c[j]);
+            BN_ST(dx + j * dxst,
+                  a[j] * BN_LD(dy + j * dyst) + ((BN_LD(x + j * xst) - m[j]) * b[j] + c[j]));
     }
 }
 
 /* dx[j] = a[j] * dy[j] */
 static inline void FN(cols_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrdiff_t dxst,
-                                  ptrdiff_t cn, const BN_T *a)
+                                  ptrdiff_t cn, const BN_CT *a)
 {
     ptrdiff_t j = 0;
     if (dyst == 1 && dxst == 1) {
-#if BN_SIMD_REDUCE
+#if BN_SIMD
         for (; j + BN_W <= cn; j += BN_W)
-            BN_VSTORE(dx + j, BN_VMUL(BN_VLOAD(a + j), BN_VLOAD(dy + j)));
+            BN_VST(dx + j, BN_VMUL(BN_VLDC(a + j), BN_VLD(dy + j)));
 #endif
-        for (; j < cn; ++j) dx[j] = a[j] * dy[j];
+        for (; j < cn; ++j) BN_ST(dx + j, a[j] * BN_LD(dy + j));
     } else {
-        for (; j < cn; ++j) dx[j * dxst] = a[j] * dy[j * dyst];
+        for (; j < cn; ++j) BN_ST(dx + j * dxst, a[j] * BN_LD(dy + j * dyst));
     }
 }
 
@@ -331,7 +293,7 @@ static inline void FN(cols_sum_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows
                                      ptrdiff_t cn, double *acc)
 {
     ptrdiff_t j = 0, r;
-#if BN_SIMD_REDUCE
+#if BN_SIMD
     for (; cst == 1 && j + 16 <= cn; j += 16) {
         __m256d v0 = _mm256_loadu_pd(acc + j), v1 = _mm256_loadu_pd(acc + j + 4);
         __m256d v2 = _mm256_loadu_pd(acc + j + 8), v3 = _mm256_loadu_pd(acc + j + 12);
@@ -347,7 +309,7 @@ static inline void FN(cols_sum_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows
     for (r = 0; r < rows; ++r) {
         const BN_T *p = x + r * rs;
         ptrdiff_t i;
-        for (i = j; i < cn; ++i) acc[i] += (double)p[i * cst];
+        for (i = j; i < cn; ++i) acc[i] += (double)BN_LD(p + i * cst);
     }
 }
 
@@ -355,29 +317,25 @@ static inline void FN(cols_sum_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows
 static inline void FN(cols_sum_rows_rough)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows,
                                            ptrdiff_t cst, ptrdiff_t cn, double *acc)
 {
-#if BN_SIMD_REDUCE && BN_IS_F32
-    if (cst == 1 && cn >= 16) {
-        ptrdiff_t j = 0, r;
-        for (; j + 16 <= cn; j += 16) {
-            __m256 v0 = _mm256_setzero_ps(), v1 = v0;
-            for (r = 0; r < rows; ++r) {
-                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(x + r * rs + j));
-                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(x + r * rs + j + 8));
-            }
-            _mm256_storeu_pd(acc + j, _mm256_add_pd(_mm256_loadu_pd(acc + j),
-                                                    _mm256_cvtps_pd(_mm256_castps256_ps128(v0))));
-            _mm256_storeu_pd(acc + j + 4, _mm256_add_pd(_mm256_loadu_pd(acc + j + 4),
-                                                        _mm256_cvtps_pd(_mm256_extractf128_ps(v0, 1))));
-            _mm256_storeu_pd(acc + j + 8, _mm256_add_pd(_mm256_loadu_pd(acc + j + 8),
-                                                        _mm256_cvtps_pd(_mm256_castps256_ps128(v1))));
-            _mm256_storeu_pd(acc + j + 12, _mm256_add_pd(_mm256_loadu_pd(acc + j + 12),
-                                                         _mm256_cvtps_pd(_mm256_extractf128_ps(v1, 1))));
+    ptrdiff_t j = 0;
+#if BN_SIMD && BN_KIND != BN_KIND_F64
+    for (; cst == 1 && j + 16 <= cn; j += 16) {
+        __m256 v0 = _mm256_setzero_ps(), v1 = v0;
+        __m128 lo0, hi0, lo1, hi1;
+        ptrdiff_t r;
+        for (r = 0; r < rows; ++r) {
+            v0 = _mm256_add_ps(v0, BN_LOAD8F(x + r * rs + j));
+            v1 = _mm256_add_ps(v1, BN_LOAD8F(x + r * rs + j + 8));
         }
-        if (j < cn) FN(cols_sum_rows)(x + j, rs, rows, cst, cn - j, acc + j);
-        return;
+        lo0 = _mm256_castps256_ps128(v0), hi0 = _mm256_extractf128_ps(v0, 1);
+        lo1 = _mm256_castps256_ps128(v1), hi1 = _mm256_extractf128_ps(v1, 1);
+        _mm256_storeu_pd(acc + j, _mm256_add_pd(_mm256_loadu_pd(acc + j), _mm256_cvtps_pd(lo0)));
+        _mm256_storeu_pd(acc + j + 4, _mm256_add_pd(_mm256_loadu_pd(acc + j + 4), _mm256_cvtps_pd(hi0)));
+        _mm256_storeu_pd(acc + j + 8, _mm256_add_pd(_mm256_loadu_pd(acc + j + 8), _mm256_cvtps_pd(lo1)));
+        _mm256_storeu_pd(acc + j + 12, _mm256_add_pd(_mm256_loadu_pd(acc + j + 12), _mm256_cvtps_pd(hi1)));
     }
 #endif
-    FN(cols_sum_rows)(x, rs, rows, cst, cn, acc);
+    if (j < cn) FN(cols_sum_rows)(x + j * cst, rs, rows, cst, cn - j, acc + j);
 }
 
 /* sd[j] += sum of d, sdd[j] += sum of d*d, d = x[r, j] - m[j] */
@@ -385,7 +343,7 @@ static inline void FN(cols_dev_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows
                                      ptrdiff_t cn, const double *m, double *sd, double *sdd)
 {
     ptrdiff_t j = 0, r;
-#if BN_SIMD_REDUCE
+#if BN_SIMD
     for (; cst == 1 && j + 16 <= cn; j += 16) {
         __m256d m0 = _mm256_loadu_pd(m + j), m1 = _mm256_loadu_pd(m + j + 4);
         __m256d m2 = _mm256_loadu_pd(m + j + 8), m3 = _mm256_loadu_pd(m + j + 12);
@@ -413,7 +371,7 @@ static inline void FN(cols_dev_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows
         const BN_T *p = x + r * rs;
         ptrdiff_t i;
         for (i = j; i < cn; ++i) {
-            double e = (double)p[i * cst] - m[i];
+            double e = (double)BN_LD(p + i * cst) - m[i];
             sd[i] += e, sdd[i] += e * e;
         }
     }
@@ -426,7 +384,7 @@ static inline void FN(cols_bwd_sums_rows)(const BN_T *dy, ptrdiff_t dyrs, ptrdif
                                           double *sdy, double *sdyx)
 {
     ptrdiff_t j = 0, r;
-#if BN_SIMD_REDUCE
+#if BN_SIMD
     for (; dycst == 1 && xcst == 1 && j + 16 <= cn; j += 16) {
         __m256d m0 = _mm256_loadu_pd(m + j), m1 = _mm256_loadu_pd(m + j + 4);
         __m256d m2 = _mm256_loadu_pd(m + j + 8), m3 = _mm256_loadu_pd(m + j + 12);
@@ -455,8 +413,8 @@ static inline void FN(cols_bwd_sums_rows)(const BN_T *dy, ptrdiff_t dyrs, ptrdif
         const BN_T *pg = dy + r * dyrs, *px = x + r * xrs;
         ptrdiff_t i;
         for (i = j; i < cn; ++i) {
-            double g = (double)pg[i * dycst];
-            sdy[i] += g, sdyx[i] += g * ((double)px[i * xcst] - m[i]);
+            double g = (double)BN_LD(pg + i * dycst);
+            sdy[i] += g, sdyx[i] += g * ((double)BN_LD(px + i * xcst) - m[i]);
         }
     }
 }

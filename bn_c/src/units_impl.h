@@ -53,27 +53,27 @@ static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
 }
 
 /* Per-channel coefficients of y = (x - m) * a + b in the storage type, for channels
- * [c0, c0 + cc). m is the mean rounded to BN_T; the rounding is folded into b (in double),
+ * [c0, c0 + cc). m is the mean rounded to the compute type; the rounding is folded into b (in double),
  * so x - m is exact for x near the mean and the output keeps full precision even when the
  * mean is large next to the spread. */
 static inline void FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const double *mean,
                                            const double *var, const double *gamma,
-                                           const double *beta, double eps, BN_T *m, BN_T *a,
-                                           BN_T *b)
+                                           const double *beta, double eps, BN_CT *m, BN_CT *a,
+                                           BN_CT *b)
 {
     ptrdiff_t c;
     for (c = c0; c < c0 + cc; ++c) {
         double scale = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps);
-        m[c] = (BN_T)mean[c];
-        a[c] = (BN_T)scale;
-        b[c] = (BN_T)((beta ? beta[c] : 0.0) + ((double)m[c] - mean[c]) * scale);
+        m[c] = (BN_CT)mean[c];
+        a[c] = (BN_CT)scale;
+        b[c] = (BN_CT)((beta ? beta[c] : 0.0) + ((double)m[c] - mean[c]) * scale);
     }
 }
 
 /* y = (x - m) * a + b over a unit. Traffic: read x, write y. */
 static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
-                                   BN_T *y, bn_strides ys, ptrdiff_t u, const BN_T *m,
-                                   const BN_T *a, const BN_T *b)
+                                   BN_T *y, bn_strides ys, ptrdiff_t u, const BN_CT *m,
+                                   const BN_CT *a, const BN_CT *b)
 {
     bn_unit w = bn_unit_at(t, s, u);
     ptrdiff_t o, c;
@@ -124,8 +124,8 @@ static inline void FN(bwd_sums_unit)(const bn_tiling *t, bn_shape s, const BN_T 
  * Traffic: read dy (and x), write dx. */
 static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *dy,
                                    bn_strides dys, const BN_T *x, bn_strides xs, BN_T *dx,
-                                   bn_strides dxs, ptrdiff_t u, const BN_T *m, const BN_T *a,
-                                   const BN_T *b, const BN_T *c)
+                                   bn_strides dxs, ptrdiff_t u, const BN_CT *m, const BN_CT *a,
+                                   const BN_CT *b, const BN_CT *c)
 {
     bn_unit w = bn_unit_at(t, s, u);
     ptrdiff_t o, k;

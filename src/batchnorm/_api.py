@@ -23,9 +23,33 @@ __all__ = [
     "backward",
     "set_num_threads",
     "get_num_threads",
+    "supported_dtypes",
 ]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Storage types the kernels take. float16 and bfloat16 (from the optional ml_dtypes package)
+# are computed in float32 with float64 statistics; bfloat16 is recognised by name so that
+# ml_dtypes is never imported here.
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+
+
+def _is_bfloat16(dt: np.dtype) -> bool:
+    # kind first: dtype.name is slow, and float16/32/64 are kind 'f'
+    return dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16"
+
+
+def supported_dtypes() -> tuple:
+    """The storage dtypes the kernels take: float32, float64, float16, and bfloat16 when
+    ml_dtypes is installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return _FLOAT_DTYPES
+    return _FLOAT_DTYPES + (np.dtype(ml_dtypes.bfloat16),)
+
+
+def _kernel_array(a: np.ndarray) -> np.ndarray:
+    """What the Cython layer takes: 16-bit floats as their bit patterns."""
+    return a.view(np.uint16) if a.itemsize == 2 else a
 
 
 class Stats(NamedTuple):
@@ -56,12 +80,16 @@ class Stats(NamedTuple):
 
 
 def _as_input(a: Any, name: str) -> np.ndarray:
-    """A float32/float64 ndarray with native byte order and ndim >= 2, or a clear error."""
-    arr = np.asarray(a)
-    if arr.dtype.kind != "f" or arr.dtype.newbyteorder("=") not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype}")
-    if not arr.dtype.isnative:
-        arr = arr.astype(arr.dtype.newbyteorder("="))
+    """A float ndarray (see supported_dtypes) with native byte order and ndim >= 2."""
+    arr = a if type(a) is np.ndarray else np.asarray(a)
+    dt = arr.dtype
+    if dt not in _FLOAT_DTYPES and not _is_bfloat16(dt):
+        if dt.kind == "f" and dt.newbyteorder("=") in _FLOAT_DTYPES:
+            arr = arr.astype(dt.newbyteorder("="))
+        else:
+            raise TypeError(
+                f"{name} must be a float32, float64, float16 or bfloat16 array, got dtype {dt}"
+            )
     if arr.ndim < 2:
         raise ValueError(
             f"{name} must have at least 2 dimensions, (N, C) or (N, C, ...), "
@@ -71,13 +99,14 @@ def _as_input(a: Any, name: str) -> np.ndarray:
 
 
 def _channel_axis(axis: Any, ndim: int) -> int:
-    try:
-        ax = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an integer, got {axis!r}") from None
-    if not -ndim <= ax < ndim:
-        raise ValueError(f"axis {ax} is out of range for an input with {ndim} dimensions")
-    return ax % ndim
+    if type(axis) is not int:
+        try:
+            axis = operator.index(axis)
+        except TypeError:
+            raise TypeError(f"axis must be an integer, got {axis!r}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an input with {ndim} dimensions")
+    return axis % ndim
 
 
 def _eps(eps: Any) -> float:
@@ -88,15 +117,17 @@ def _eps(eps: Any) -> float:
 
 
 def _vector(v: Any, channels: int, name: str) -> Optional[np.ndarray]:
-    """A contiguous float64 copy of a per-channel vector of length C (None stays None)."""
+    """A contiguous float64 vector of length C (None stays None; never modified later)."""
     if v is None:
         return None
-    arr = np.asarray(v)
+    arr = v if type(v) is np.ndarray else np.asarray(v)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if arr.shape != (channels,):
         raise ValueError(f"{name} must have shape (C,) = ({channels},), got {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.float64)
+    if arr.dtype != np.float64 or not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr, dtype=np.float64)
+    return arr
 
 
 def _count(x: np.ndarray, axis: int) -> int:
@@ -129,7 +160,11 @@ def _merged_stride(shape: tuple, strides: tuple) -> Optional[int]:
 
 def _view3(a: np.ndarray, axis: int) -> Optional[np.ndarray]:
     """`a` seen as (outer, C, inner) without a copy, or None when no strided view exists."""
-    shape, strides = a.shape, a.strides
+    shape = a.shape
+    new_shape = (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
+    if a.flags.c_contiguous:
+        return a.reshape(new_shape)
+    strides = a.strides
     s_outer = _merged_stride(shape[:axis], strides[:axis])
     s_inner = _merged_stride(shape[axis + 1 :], strides[axis + 1 :])
     if s_outer is None or s_inner is None:
@@ -137,14 +172,16 @@ def _view3(a: np.ndarray, axis: int) -> Optional[np.ndarray]:
     new_strides = (s_outer, strides[axis], s_inner)
     if any(s % a.itemsize for s in new_strides):
         return None
-    new_shape = (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
     return as_strided(a, new_shape, new_strides, writeable=a.flags.writeable)
 
 
 def _input_view(a: np.ndarray, axis: int) -> np.ndarray:
-    """The (outer, C, inner) view of an input; a layout with no such view is copied once."""
+    """The (outer, C, inner) view the kernels read; a layout with no such view is copied once.
+    16-bit floats are passed as their bit patterns."""
     v = _view3(a, axis)
-    return v if v is not None else _view3(np.ascontiguousarray(a), axis)
+    if v is None:
+        v = _view3(np.ascontiguousarray(a), axis)
+    return _kernel_array(v)
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
@@ -173,7 +210,7 @@ def _output(out: Any, like: np.ndarray, axis: int, inputs: tuple, name: str = "o
         if v is None:
             y = np.empty(like.shape, like.dtype)
             v = _view3(y, axis)
-        return _Output(y, v, None)
+        return _Output(y, _kernel_array(v), None)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != like.shape:
@@ -188,8 +225,8 @@ def _output(out: Any, like: np.ndarray, axis: int, inputs: tuple, name: str = "o
     )
     if v is None or overlaps:
         staging = np.empty(like.shape, like.dtype)
-        return _Output(out, _view3(staging, axis), staging)
-    return _Output(out, v, None)
+        return _Output(out, _kernel_array(_view3(staging, axis)), staging)
+    return _Output(out, _kernel_array(v), None)
 
 
 def _finish(o: _Output) -> np.ndarray:
@@ -207,7 +244,7 @@ def _stats_arrays(st: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
         raise TypeError(f"st must be a Stats (mean, var, count), got {type(st).__name__}")
     mean = _vector(mean, channels, "st.mean")
     var = _vector(var, channels, "st.var")
-    if np.any(var < 0):
+    if (var < 0).any():
         raise ValueError("st.var must be non-negative")
     return mean, var
 
@@ -220,7 +257,7 @@ def batch_stats(x: Any, axis: int = 1) -> Stats:
 
     Parameters
     ----------
-    x : array_like, float32 or float64, ndim >= 2
+    x : array_like, float32, float64, float16 or bfloat16, ndim >= 2
         The batch; ``axis`` is the channel (feature) axis.
     axis : int, default 1
         1 for (N, D) and (N, C, H, W); -1 for channels-last (N, H, W, C).
@@ -249,7 +286,7 @@ def batch_stats(x: Any, axis: int = 1) -> Stats:
         raise ValueError(f"x of shape {x.shape} has no values per channel along axis {ax}")
     channels = x.shape[ax]
     mean, var = np.empty(channels), np.empty(channels)
-    _kernels.stats(_input_view(x, ax), mean, var)
+    _kernels.stats(_input_view(x, ax), mean, var, _is_bfloat16(x.dtype))
     return Stats(mean, var, n)
 
 
@@ -269,7 +306,7 @@ def forward_train(
 
     Parameters
     ----------
-    x : array_like, float32 or float64, ndim >= 2
+    x : array_like, float32, float64, float16 or bfloat16, ndim >= 2
     gamma, beta : array_like of shape (C,), optional
         Scale and shift; None means 1 and 0.
     axis : int, default 1
@@ -302,7 +339,9 @@ def forward_train(
     g, b, e = _vector(gamma, channels, "gamma"), _vector(beta, channels, "beta"), _eps(eps)
     o = _output(out, x, ax, (x,))
     mean, var = np.empty(channels), np.empty(channels)
-    _kernels.forward_train(_input_view(x, ax), o.view, g, b, e, mean, var)
+    _kernels.forward_train(
+        _input_view(x, ax), o.view, g, b, e, mean, var, _is_bfloat16(x.dtype)
+    )
     return _finish(o), Stats(mean, var, n)
 
 
@@ -321,7 +360,7 @@ def forward_eval(
 
     Parameters
     ----------
-    x : array_like, float32 or float64, ndim >= 2
+    x : array_like, float32, float64, float16 or bfloat16, ndim >= 2
     mean, var : array_like of shape (C,)
         The statistics to normalize with, usually a layer's running averages.
     gamma, beta : array_like of shape (C,), optional
@@ -347,11 +386,11 @@ def forward_eval(
     ax = _channel_axis(axis, x.ndim)
     channels = x.shape[ax]
     m, v = _vector(mean, channels, "mean"), _vector(var, channels, "var")
-    if np.any(v < 0):
+    if (v < 0).any():
         raise ValueError("var must be non-negative")
     g, b, e = _vector(gamma, channels, "gamma"), _vector(beta, channels, "beta"), _eps(eps)
     o = _output(out, x, ax, (x,))
-    _kernels.forward_eval(_input_view(x, ax), o.view, m, v, g, b, e)
+    _kernels.forward_eval(_input_view(x, ax), o.view, m, v, g, b, e, _is_bfloat16(x.dtype))
     return _finish(o)
 
 
@@ -422,7 +461,7 @@ def backward(
     dgamma, dbeta = np.empty(channels), np.empty(channels)
     _kernels.backward(
         _input_view(dy, ax), _input_view(x, ax), o.view, mean, var, g, e, bool(training),
-        dgamma, dbeta,
+        dgamma, dbeta, _is_bfloat16(x.dtype),
     )
     return _finish(o), dgamma, dbeta
 

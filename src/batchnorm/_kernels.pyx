@@ -4,8 +4,8 @@ The Python API in ``batchnorm._api`` checks arguments and builds the (outer, C, 
 these wrappers trust them. Other Cython code can ``cimport`` the typed functions (see
 ``_kernels.pxd``).
 """
-from cython cimport floating
 from libc.stddef cimport ptrdiff_t
+from libc.stdint cimport uint16_t
 
 cdef extern from "bn/bn.h" nogil:
     ctypedef struct bn_shape:
@@ -14,22 +14,40 @@ cdef extern from "bn/bn.h" nogil:
         ptrdiff_t outer, channel, inner
     int BN_OK, BN_ERR_ARG, BN_ERR_NOMEM, BN_ERR_ISA
     int bn_stats_f32(bn_shape, const float *, bn_strides, double *, double *)
-    int bn_stats_f64(bn_shape, const double *, bn_strides, double *, double *)
     int bn_forward_train_f32(bn_shape, const float *, bn_strides, float *, bn_strides,
                              const double *, const double *, double, double *, double *)
-    int bn_forward_train_f64(bn_shape, const double *, bn_strides, double *, bn_strides,
-                             const double *, const double *, double, double *, double *)
     int bn_forward_eval_f32(bn_shape, const float *, bn_strides, float *, bn_strides,
-                            const double *, const double *, const double *, const double *,
-                            double)
-    int bn_forward_eval_f64(bn_shape, const double *, bn_strides, double *, bn_strides,
                             const double *, const double *, const double *, const double *,
                             double)
     int bn_backward_f32(bn_shape, const float *, bn_strides, const float *, bn_strides,
                         float *, bn_strides, const double *, const double *, const double *,
                         double, int, double *, double *)
+    int bn_stats_f64(bn_shape, const double *, bn_strides, double *, double *)
+    int bn_forward_train_f64(bn_shape, const double *, bn_strides, double *, bn_strides,
+                             const double *, const double *, double, double *, double *)
+    int bn_forward_eval_f64(bn_shape, const double *, bn_strides, double *, bn_strides,
+                            const double *, const double *, const double *, const double *,
+                            double)
     int bn_backward_f64(bn_shape, const double *, bn_strides, const double *, bn_strides,
                         double *, bn_strides, const double *, const double *, const double *,
+                        double, int, double *, double *)
+    int bn_stats_f16(bn_shape, const uint16_t *, bn_strides, double *, double *)
+    int bn_forward_train_f16(bn_shape, const uint16_t *, bn_strides, uint16_t *, bn_strides,
+                             const double *, const double *, double, double *, double *)
+    int bn_forward_eval_f16(bn_shape, const uint16_t *, bn_strides, uint16_t *, bn_strides,
+                            const double *, const double *, const double *, const double *,
+                            double)
+    int bn_backward_f16(bn_shape, const uint16_t *, bn_strides, const uint16_t *, bn_strides,
+                        uint16_t *, bn_strides, const double *, const double *, const double *,
+                        double, int, double *, double *)
+    int bn_stats_bf16(bn_shape, const uint16_t *, bn_strides, double *, double *)
+    int bn_forward_train_bf16(bn_shape, const uint16_t *, bn_strides, uint16_t *, bn_strides,
+                             const double *, const double *, double, double *, double *)
+    int bn_forward_eval_bf16(bn_shape, const uint16_t *, bn_strides, uint16_t *, bn_strides,
+                            const double *, const double *, const double *, const double *,
+                            double)
+    int bn_backward_bf16(bn_shape, const uint16_t *, bn_strides, const uint16_t *, bn_strides,
+                        uint16_t *, bn_strides, const double *, const double *, const double *,
                         double, int, double *, double *)
     void bn_set_num_threads(int)
     int bn_get_num_threads()
@@ -74,37 +92,19 @@ cdef inline double *out_or_null(double[::1] v) noexcept nogil:
 # --- typed functions (cimportable) ---------------------------------------------------------
 
 cdef int stats_f32(const float[:, :, :] x, double[::1] mean, double[::1] var) noexcept nogil:
-    return bn_stats_f32(shape_of(x.shape), NULL if empty(x.shape) else &x[0, 0, 0],
+    return bn_stats_f32(shape_of(x.shape), NULL if empty(x.shape) else <const float *>&x[0, 0, 0],
                         strides_of(x.strides, sizeof(float)), out_or_null(mean), out_or_null(var))
-
-
-cdef int stats_f64(const double[:, :, :] x, double[::1] mean, double[::1] var) noexcept nogil:
-    return bn_stats_f64(shape_of(x.shape), NULL if empty(x.shape) else &x[0, 0, 0],
-                        strides_of(x.strides, sizeof(double)), out_or_null(mean), out_or_null(var))
 
 
 cdef int forward_train_f32(const float[:, :, :] x, float[:, :, :] y,
                            const double[::1] gamma, const double[::1] beta, double eps,
                            double[::1] mean, double[::1] var) noexcept nogil:
     if empty(x.shape):
-        return bn_stats_f32(shape_of(x.shape), NULL, strides_of(x.strides, sizeof(float)),
-                            out_or_null(mean), out_or_null(var))
-    return bn_forward_train_f32(shape_of(x.shape), &x[0, 0, 0], strides_of(x.strides, sizeof(float)),
-                                &y[0, 0, 0], strides_of(y.strides, sizeof(float)),
-                                vec_or_null(gamma), vec_or_null(beta), eps,
-                                out_or_null(mean), out_or_null(var))
-
-
-cdef int forward_train_f64(const double[:, :, :] x, double[:, :, :] y,
-                           const double[::1] gamma, const double[::1] beta, double eps,
-                           double[::1] mean, double[::1] var) noexcept nogil:
-    if empty(x.shape):
-        return bn_stats_f64(shape_of(x.shape), NULL, strides_of(x.strides, sizeof(double)),
-                            out_or_null(mean), out_or_null(var))
-    return bn_forward_train_f64(shape_of(x.shape), &x[0, 0, 0], strides_of(x.strides, sizeof(double)),
-                                &y[0, 0, 0], strides_of(y.strides, sizeof(double)),
-                                vec_or_null(gamma), vec_or_null(beta), eps,
-                                out_or_null(mean), out_or_null(var))
+        return stats_f32(x, mean, var)
+    return bn_forward_train_f32(shape_of(x.shape), <const float *>&x[0, 0, 0],
+                                strides_of(x.strides, sizeof(float)), <float *>&y[0, 0, 0],
+                                strides_of(y.strides, sizeof(float)), vec_or_null(gamma),
+                                vec_or_null(beta), eps, out_or_null(mean), out_or_null(var))
 
 
 cdef int forward_eval_f32(const float[:, :, :] x, float[:, :, :] y,
@@ -113,10 +113,42 @@ cdef int forward_eval_f32(const float[:, :, :] x, float[:, :, :] y,
                           double eps) noexcept nogil:
     if empty(x.shape):
         return BN_OK
-    return bn_forward_eval_f32(shape_of(x.shape), &x[0, 0, 0], strides_of(x.strides, sizeof(float)),
-                               &y[0, 0, 0], strides_of(y.strides, sizeof(float)),
-                               vec_or_null(mean), vec_or_null(var),
-                               vec_or_null(gamma), vec_or_null(beta), eps)
+    return bn_forward_eval_f32(shape_of(x.shape), <const float *>&x[0, 0, 0],
+                               strides_of(x.strides, sizeof(float)), <float *>&y[0, 0, 0],
+                               strides_of(y.strides, sizeof(float)), vec_or_null(mean),
+                               vec_or_null(var), vec_or_null(gamma), vec_or_null(beta), eps)
+
+
+cdef int backward_f32(const float[:, :, :] dy, const float[:, :, :] x, float[:, :, :] dx,
+                      const double[::1] mean, const double[::1] var,
+                      const double[::1] gamma, double eps, bint training,
+                      double[::1] dgamma, double[::1] dbeta) noexcept nogil:
+    cdef bint none = empty(dy.shape)
+    return bn_backward_f32(shape_of(dy.shape), NULL if none else <const float *>&dy[0, 0, 0],
+                           strides_of(dy.strides, sizeof(float)),
+                           NULL if none else <const float *>&x[0, 0, 0],
+                           strides_of(x.strides, sizeof(float)),
+                           NULL if none or dx is None else <float *>&dx[0, 0, 0],
+                           strides_of(dx.strides, sizeof(float)) if dx is not None
+                           else strides_of(dy.strides, sizeof(float)),
+                           vec_or_null(mean), vec_or_null(var), vec_or_null(gamma), eps,
+                           training, out_or_null(dgamma), out_or_null(dbeta))
+
+
+cdef int stats_f64(const double[:, :, :] x, double[::1] mean, double[::1] var) noexcept nogil:
+    return bn_stats_f64(shape_of(x.shape), NULL if empty(x.shape) else <const double *>&x[0, 0, 0],
+                        strides_of(x.strides, sizeof(double)), out_or_null(mean), out_or_null(var))
+
+
+cdef int forward_train_f64(const double[:, :, :] x, double[:, :, :] y,
+                           const double[::1] gamma, const double[::1] beta, double eps,
+                           double[::1] mean, double[::1] var) noexcept nogil:
+    if empty(x.shape):
+        return stats_f64(x, mean, var)
+    return bn_forward_train_f64(shape_of(x.shape), <const double *>&x[0, 0, 0],
+                                strides_of(x.strides, sizeof(double)), <double *>&y[0, 0, 0],
+                                strides_of(y.strides, sizeof(double)), vec_or_null(gamma),
+                                vec_or_null(beta), eps, out_or_null(mean), out_or_null(var))
 
 
 cdef int forward_eval_f64(const double[:, :, :] x, double[:, :, :] y,
@@ -125,25 +157,10 @@ cdef int forward_eval_f64(const double[:, :, :] x, double[:, :, :] y,
                           double eps) noexcept nogil:
     if empty(x.shape):
         return BN_OK
-    return bn_forward_eval_f64(shape_of(x.shape), &x[0, 0, 0], strides_of(x.strides, sizeof(double)),
-                               &y[0, 0, 0], strides_of(y.strides, sizeof(double)),
-                               vec_or_null(mean), vec_or_null(var),
-                               vec_or_null(gamma), vec_or_null(beta), eps)
-
-
-cdef int backward_f32(const float[:, :, :] dy, const float[:, :, :] x, float[:, :, :] dx,
-                      const double[::1] mean, const double[::1] var,
-                      const double[::1] gamma, double eps, bint training,
-                      double[::1] dgamma, double[::1] dbeta) noexcept nogil:
-    cdef bint none = empty(dy.shape)
-    return bn_backward_f32(shape_of(dy.shape), NULL if none else &dy[0, 0, 0],
-                           strides_of(dy.strides, sizeof(float)),
-                           NULL if none else &x[0, 0, 0], strides_of(x.strides, sizeof(float)),
-                           NULL if none or dx is None else &dx[0, 0, 0],
-                           strides_of(dx.strides, sizeof(float)) if dx is not None
-                           else strides_of(dy.strides, sizeof(float)),
-                           vec_or_null(mean), vec_or_null(var), vec_or_null(gamma), eps,
-                           training, out_or_null(dgamma), out_or_null(dbeta))
+    return bn_forward_eval_f64(shape_of(x.shape), <const double *>&x[0, 0, 0],
+                               strides_of(x.strides, sizeof(double)), <double *>&y[0, 0, 0],
+                               strides_of(y.strides, sizeof(double)), vec_or_null(mean),
+                               vec_or_null(var), vec_or_null(gamma), vec_or_null(beta), eps)
 
 
 cdef int backward_f64(const double[:, :, :] dy, const double[:, :, :] x, double[:, :, :] dx,
@@ -151,12 +168,101 @@ cdef int backward_f64(const double[:, :, :] dy, const double[:, :, :] x, double[
                       const double[::1] gamma, double eps, bint training,
                       double[::1] dgamma, double[::1] dbeta) noexcept nogil:
     cdef bint none = empty(dy.shape)
-    return bn_backward_f64(shape_of(dy.shape), NULL if none else &dy[0, 0, 0],
+    return bn_backward_f64(shape_of(dy.shape), NULL if none else <const double *>&dy[0, 0, 0],
                            strides_of(dy.strides, sizeof(double)),
-                           NULL if none else &x[0, 0, 0], strides_of(x.strides, sizeof(double)),
-                           NULL if none or dx is None else &dx[0, 0, 0],
+                           NULL if none else <const double *>&x[0, 0, 0],
+                           strides_of(x.strides, sizeof(double)),
+                           NULL if none or dx is None else <double *>&dx[0, 0, 0],
                            strides_of(dx.strides, sizeof(double)) if dx is not None
                            else strides_of(dy.strides, sizeof(double)),
+                           vec_or_null(mean), vec_or_null(var), vec_or_null(gamma), eps,
+                           training, out_or_null(dgamma), out_or_null(dbeta))
+
+
+cdef int stats_f16(const unsigned short[:, :, :] x, double[::1] mean, double[::1] var) noexcept nogil:
+    return bn_stats_f16(shape_of(x.shape), NULL if empty(x.shape) else <const uint16_t *>&x[0, 0, 0],
+                        strides_of(x.strides, sizeof(unsigned short)), out_or_null(mean), out_or_null(var))
+
+
+cdef int forward_train_f16(const unsigned short[:, :, :] x, unsigned short[:, :, :] y,
+                           const double[::1] gamma, const double[::1] beta, double eps,
+                           double[::1] mean, double[::1] var) noexcept nogil:
+    if empty(x.shape):
+        return stats_f16(x, mean, var)
+    return bn_forward_train_f16(shape_of(x.shape), <const uint16_t *>&x[0, 0, 0],
+                                strides_of(x.strides, sizeof(unsigned short)), <uint16_t *>&y[0, 0, 0],
+                                strides_of(y.strides, sizeof(unsigned short)), vec_or_null(gamma),
+                                vec_or_null(beta), eps, out_or_null(mean), out_or_null(var))
+
+
+cdef int forward_eval_f16(const unsigned short[:, :, :] x, unsigned short[:, :, :] y,
+                          const double[::1] mean, const double[::1] var,
+                          const double[::1] gamma, const double[::1] beta,
+                          double eps) noexcept nogil:
+    if empty(x.shape):
+        return BN_OK
+    return bn_forward_eval_f16(shape_of(x.shape), <const uint16_t *>&x[0, 0, 0],
+                               strides_of(x.strides, sizeof(unsigned short)), <uint16_t *>&y[0, 0, 0],
+                               strides_of(y.strides, sizeof(unsigned short)), vec_or_null(mean),
+                               vec_or_null(var), vec_or_null(gamma), vec_or_null(beta), eps)
+
+
+cdef int backward_f16(const unsigned short[:, :, :] dy, const unsigned short[:, :, :] x, unsigned short[:, :, :] dx,
+                      const double[::1] mean, const double[::1] var,
+                      const double[::1] gamma, double eps, bint training,
+                      double[::1] dgamma, double[::1] dbeta) noexcept nogil:
+    cdef bint none = empty(dy.shape)
+    return bn_backward_f16(shape_of(dy.shape), NULL if none else <const uint16_t *>&dy[0, 0, 0],
+                           strides_of(dy.strides, sizeof(unsigned short)),
+                           NULL if none else <const uint16_t *>&x[0, 0, 0],
+                           strides_of(x.strides, sizeof(unsigned short)),
+                           NULL if none or dx is None else <uint16_t *>&dx[0, 0, 0],
+                           strides_of(dx.strides, sizeof(unsigned short)) if dx is not None
+                           else strides_of(dy.strides, sizeof(unsigned short)),
+                           vec_or_null(mean), vec_or_null(var), vec_or_null(gamma), eps,
+                           training, out_or_null(dgamma), out_or_null(dbeta))
+
+
+cdef int stats_bf16(const unsigned short[:, :, :] x, double[::1] mean, double[::1] var) noexcept nogil:
+    return bn_stats_bf16(shape_of(x.shape), NULL if empty(x.shape) else <const uint16_t *>&x[0, 0, 0],
+                        strides_of(x.strides, sizeof(unsigned short)), out_or_null(mean), out_or_null(var))
+
+
+cdef int forward_train_bf16(const unsigned short[:, :, :] x, unsigned short[:, :, :] y,
+                           const double[::1] gamma, const double[::1] beta, double eps,
+                           double[::1] mean, double[::1] var) noexcept nogil:
+    if empty(x.shape):
+        return stats_bf16(x, mean, var)
+    return bn_forward_train_bf16(shape_of(x.shape), <const uint16_t *>&x[0, 0, 0],
+                                strides_of(x.strides, sizeof(unsigned short)), <uint16_t *>&y[0, 0, 0],
+                                strides_of(y.strides, sizeof(unsigned short)), vec_or_null(gamma),
+                                vec_or_null(beta), eps, out_or_null(mean), out_or_null(var))
+
+
+cdef int forward_eval_bf16(const unsigned short[:, :, :] x, unsigned short[:, :, :] y,
+                          const double[::1] mean, const double[::1] var,
+                          const double[::1] gamma, const double[::1] beta,
+                          double eps) noexcept nogil:
+    if empty(x.shape):
+        return BN_OK
+    return bn_forward_eval_bf16(shape_of(x.shape), <const uint16_t *>&x[0, 0, 0],
+                               strides_of(x.strides, sizeof(unsigned short)), <uint16_t *>&y[0, 0, 0],
+                               strides_of(y.strides, sizeof(unsigned short)), vec_or_null(mean),
+                               vec_or_null(var), vec_or_null(gamma), vec_or_null(beta), eps)
+
+
+cdef int backward_bf16(const unsigned short[:, :, :] dy, const unsigned short[:, :, :] x, unsigned short[:, :, :] dx,
+                      const double[::1] mean, const double[::1] var,
+                      const double[::1] gamma, double eps, bint training,
+                      double[::1] dgamma, double[::1] dbeta) noexcept nogil:
+    cdef bint none = empty(dy.shape)
+    return bn_backward_bf16(shape_of(dy.shape), NULL if none else <const uint16_t *>&dy[0, 0, 0],
+                           strides_of(dy.strides, sizeof(unsigned short)),
+                           NULL if none else <const uint16_t *>&x[0, 0, 0],
+                           strides_of(x.strides, sizeof(unsigned short)),
+                           NULL if none or dx is None else <uint16_t *>&dx[0, 0, 0],
+                           strides_of(dx.strides, sizeof(unsigned short)) if dx is not None
+                           else strides_of(dy.strides, sizeof(unsigned short)),
                            vec_or_null(mean), vec_or_null(var), vec_or_null(gamma), eps,
                            training, out_or_null(dgamma), out_or_null(dbeta))
 
@@ -170,48 +276,72 @@ cdef check(int rc):
         raise ValueError(f"batchnorm: the C core rejected its arguments (code {rc})")
 
 
-def stats(const floating[:, :, :] x, double[::1] mean, double[::1] var):
+ctypedef fused storage:
+    float
+    double
+    unsigned short   # float16 or bfloat16 bits: `bfloat16` tells which
+
+
+def stats(const storage[:, :, :] x, double[::1] mean, double[::1] var, bint bfloat16=False):
     cdef int rc
     with nogil:
-        if floating is float:
+        if storage is float:
             rc = stats_f32(x, mean, var)
-        else:
+        elif storage is double:
             rc = stats_f64(x, mean, var)
+        elif bfloat16:
+            rc = stats_bf16(x, mean, var)
+        else:
+            rc = stats_f16(x, mean, var)
     check(rc)
 
 
-def forward_train(const floating[:, :, :] x, floating[:, :, :] y, const double[::1] gamma,
-                  const double[::1] beta, double eps, double[::1] mean, double[::1] var):
+def forward_train(const storage[:, :, :] x, storage[:, :, :] y, const double[::1] gamma,
+                  const double[::1] beta, double eps, double[::1] mean, double[::1] var,
+                  bint bfloat16=False):
     cdef int rc
     with nogil:
-        if floating is float:
+        if storage is float:
             rc = forward_train_f32(x, y, gamma, beta, eps, mean, var)
-        else:
+        elif storage is double:
             rc = forward_train_f64(x, y, gamma, beta, eps, mean, var)
+        elif bfloat16:
+            rc = forward_train_bf16(x, y, gamma, beta, eps, mean, var)
+        else:
+            rc = forward_train_f16(x, y, gamma, beta, eps, mean, var)
     check(rc)
 
 
-def forward_eval(const floating[:, :, :] x, floating[:, :, :] y, const double[::1] mean,
+def forward_eval(const storage[:, :, :] x, storage[:, :, :] y, const double[::1] mean,
                  const double[::1] var, const double[::1] gamma, const double[::1] beta,
-                 double eps):
+                 double eps, bint bfloat16=False):
     cdef int rc
     with nogil:
-        if floating is float:
+        if storage is float:
             rc = forward_eval_f32(x, y, mean, var, gamma, beta, eps)
-        else:
+        elif storage is double:
             rc = forward_eval_f64(x, y, mean, var, gamma, beta, eps)
+        elif bfloat16:
+            rc = forward_eval_bf16(x, y, mean, var, gamma, beta, eps)
+        else:
+            rc = forward_eval_f16(x, y, mean, var, gamma, beta, eps)
     check(rc)
 
 
-def backward(const floating[:, :, :] dy, const floating[:, :, :] x, floating[:, :, :] dx,
+def backward(const storage[:, :, :] dy, const storage[:, :, :] x, storage[:, :, :] dx,
              const double[::1] mean, const double[::1] var, const double[::1] gamma,
-             double eps, bint training, double[::1] dgamma, double[::1] dbeta):
+             double eps, bint training, double[::1] dgamma, double[::1] dbeta,
+             bint bfloat16=False):
     cdef int rc
     with nogil:
-        if floating is float:
+        if storage is float:
             rc = backward_f32(dy, x, dx, mean, var, gamma, eps, training, dgamma, dbeta)
-        else:
+        elif storage is double:
             rc = backward_f64(dy, x, dx, mean, var, gamma, eps, training, dgamma, dbeta)
+        elif bfloat16:
+            rc = backward_bf16(dy, x, dx, mean, var, gamma, eps, training, dgamma, dbeta)
+        else:
+            rc = backward_f16(dy, x, dx, mean, var, gamma, eps, training, dgamma, dbeta)
     check(rc)
 
 

@@ -14,6 +14,7 @@
 #define BN_BN_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -66,6 +67,31 @@ int bn_backward_f64(bn_shape s, const double *dy, bn_strides dys, const double *
                     bn_strides xs, double *dx, bn_strides dxs, const double *mean,
                     const double *var, const double *gamma, double eps, int training,
                     double *dgamma, double *dbeta);
+
+/* Half precision storage, as raw 16-bit patterns: float16 (IEEE binary16) and bfloat16.
+ * Computed in float32 with float64 statistics; same semantics as the functions above. */
+int bn_stats_f16(bn_shape s, const uint16_t *x, bn_strides xs, double *mean, double *var);
+int bn_stats_bf16(bn_shape s, const uint16_t *x, bn_strides xs, double *mean, double *var);
+int bn_forward_train_f16(bn_shape s, const uint16_t *x, bn_strides xs, uint16_t *y,
+                         bn_strides ys, const double *gamma, const double *beta, double eps,
+                         double *mean, double *var);
+int bn_forward_train_bf16(bn_shape s, const uint16_t *x, bn_strides xs, uint16_t *y,
+                          bn_strides ys, const double *gamma, const double *beta, double eps,
+                          double *mean, double *var);
+int bn_forward_eval_f16(bn_shape s, const uint16_t *x, bn_strides xs, uint16_t *y,
+                        bn_strides ys, const double *mean, const double *var,
+                        const double *gamma, const double *beta, double eps);
+int bn_forward_eval_bf16(bn_shape s, const uint16_t *x, bn_strides xs, uint16_t *y,
+                         bn_strides ys, const double *mean, const double *var,
+                         const double *gamma, const double *beta, double eps);
+int bn_backward_f16(bn_shape s, const uint16_t *dy, bn_strides dys, const uint16_t *x,
+                    bn_strides xs, uint16_t *dx, bn_strides dxs, const double *mean,
+                    const double *var, const double *gamma, double eps, int training,
+                    double *dgamma, double *dbeta);
+int bn_backward_bf16(bn_shape s, const uint16_t *dy, bn_strides dys, const uint16_t *x,
+                     bn_strides xs, uint16_t *dx, bn_strides dxs, const double *mean,
+                     const double *var, const double *gamma, double eps, int training,
+                     double *dgamma, double *dbeta);
 
 /* Threads: n <= 0 restores the default (OpenMP's, which honours OMP_NUM_THREADS). */
 void bn_set_num_threads(int n);

@@ -1,0 +1,102 @@
+/* The element type of one instantiation of the kernel templates, chosen by BN_KIND before
+ * including a *_impl.h file. Defines:
+ *   BN_T   storage type            BN_TN  name suffix (f32, f64, f16, bf16)
+ *   BN_CT  compute type of the elementwise passes (float, or double for f64)
+ *   BN_LD(p) / BN_ST(p, v)  load one element as BN_CT / store one
+ * and, with AVX2+FMA (BN_SIMD), vectors of BN_CT:
+ *   BN_V, BN_W (lanes), BN_VLD(p) / BN_VST(p, v) from/to storage, BN_VLDC(p) from a BN_CT array,
+ *   BN_LOAD4D(p)  4 elements widened to double, for the float64 accumulators.
+ * No include guard: included once per instantiation. */
+#include "half.h"
+
+#undef BN_T
+#undef BN_TN
+#undef BN_CT
+#undef BN_LD
+#undef BN_ST
+#undef BN_SFMA
+#undef BN_V
+#undef BN_W
+#undef BN_VLD
+#undef BN_VST
+#undef BN_VLDC
+#undef BN_VSET1
+#undef BN_VSUB
+#undef BN_VMUL
+#undef BN_VFMA
+#undef BN_LOAD4D
+#undef BN_LOAD8F
+#undef BN_SIMD
+
+#if BN_KIND == BN_KIND_F64
+#define BN_T double
+#define BN_TN f64
+#define BN_CT double
+#define BN_SFMA fma
+#else
+#define BN_CT float
+#define BN_SFMA fmaf
+#endif
+
+#if BN_KIND == BN_KIND_F32
+#define BN_T float
+#define BN_TN f32
+#elif BN_KIND == BN_KIND_F16
+#define BN_T uint16_t
+#define BN_TN f16
+#elif BN_KIND == BN_KIND_BF16
+#define BN_T uint16_t
+#define BN_TN bf16
+#endif
+
+#if BN_KIND == BN_KIND_F16
+#define BN_LD(p) bn_f16_to_f32(*(p))
+#define BN_ST(p, v) (*(p) = bn_f32_to_f16(v))
+#elif BN_KIND == BN_KIND_BF16
+#define BN_LD(p) bn_bf16_to_f32(*(p))
+#define BN_ST(p, v) (*(p) = bn_f32_to_bf16(v))
+#else
+#define BN_LD(p) (*(p))
+#define BN_ST(p, v) (*(p) = (v))
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define BN_SIMD 1
+#include <immintrin.h>
+#if BN_KIND == BN_KIND_F64
+#define BN_V __m256d
+#define BN_W 4
+#define BN_VLD _mm256_loadu_pd
+#define BN_VST _mm256_storeu_pd
+#define BN_VLDC _mm256_loadu_pd
+#define BN_VSET1 _mm256_set1_pd
+#define BN_VSUB _mm256_sub_pd
+#define BN_VMUL _mm256_mul_pd
+#define BN_VFMA _mm256_fmadd_pd
+#define BN_LOAD4D(p) _mm256_loadu_pd(p)
+#else
+#define BN_V __m256
+#define BN_W 8
+#define BN_VLDC _mm256_loadu_ps
+#define BN_VSET1 _mm256_set1_ps
+#define BN_VSUB _mm256_sub_ps
+#define BN_VMUL _mm256_mul_ps
+#define BN_VFMA _mm256_fmadd_ps
+#if BN_KIND == BN_KIND_F32
+#define BN_VLD _mm256_loadu_ps
+#define BN_VST _mm256_storeu_ps
+#define BN_LOAD4D(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#elif BN_KIND == BN_KIND_F16
+#define BN_VLD bn_load8_f16
+#define BN_VST bn_store8_f16
+#define BN_LOAD4D(p) _mm256_cvtps_pd(bn_load4_f16(p))
+#else
+#define BN_VLD bn_load8_bf16
+#define BN_VST bn_store8_bf16
+#define BN_LOAD4D(p) _mm256_cvtps_pd(bn_load4_bf16(p))
+#endif
+#define BN_LOAD8F(p) BN_VLD(p) /* 8 elements as float, for the quick sums */
+#endif
+#else
+#define BN_SIMD 0
+#endif

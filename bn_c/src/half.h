@@ -1,0 +1,119 @@
+/* float16 and bfloat16 <-> float32, scalar and (with AVX2/F16C) 8 at a time. Round to
+ * nearest even; NaN stays NaN (quiet), inf stays inf, float16 subnormals are exact. */
+#ifndef BN_HALF_H
+#define BN_HALF_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+static inline uint32_t bn_bits_of(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float bn_float_of(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float bn_f16_to_f32(uint16_t h)
+{
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    /* Move exponent and mantissa into place, rebias; inf/NaN and subnormals fixed up. */
+    uint32_t u = (uint32_t)(h & 0x7fffu) << 13, exp = u & (0x7c00u << 13);
+    u += (127u - 15u) << 23;
+    if (exp == (0x7c00u << 13)) {
+        u += (128u - 16u) << 23; /* inf or NaN */
+    } else if (exp == 0) {       /* zero or subnormal: renormalize in float arithmetic */
+        u += 1u << 23;
+        u = bn_bits_of(bn_float_of(u) - bn_float_of(113u << 23));
+    }
+    return bn_float_of(u | ((uint32_t)(h & 0x8000u) << 16));
+#endif
+}
+
+static inline uint16_t bn_f32_to_f16(float f)
+{
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t u = bn_bits_of(f), sign = u & 0x80000000u, out;
+    u ^= sign;
+    if (u >= ((127u + 16u) << 23)) {           /* too large for float16: inf, or NaN */
+        out = u > (255u << 23) ? 0x7e00u : 0x7c00u;
+    } else if (u < (113u << 23)) {             /* float16 subnormal or zero */
+        /* adding 0.5 * 2^-14 * 2^... aligns the 10 mantissa bits at the bottom; the float
+         * addition rounds to nearest even */
+        const uint32_t magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+        out = bn_bits_of(bn_float_of(u) + bn_float_of(magic)) - magic;
+    } else {                                   /* normal: rebias and round to nearest even */
+        uint32_t odd = (u >> 13) & 1u;
+        u += ((uint32_t)(15 - 127) << 23) + 0xfffu + odd;
+        out = u >> 13;
+    }
+    return (uint16_t)(out | (sign >> 16));
+#endif
+}
+
+static inline float bn_bf16_to_f32(uint16_t h) { return bn_float_of((uint32_t)h << 16); }
+
+static inline uint16_t bn_f32_to_bf16(float f)
+{
+    uint32_t u = bn_bits_of(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u | 0x00400000u) >> 16); /* NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#if defined(__AVX2__) && defined(__F16C__)
+static inline __m256 bn_load8_f16(const uint16_t *p)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+static inline void bn_store8_f16(uint16_t *p, __m256 v)
+{
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+static inline __m128 bn_load4_f16(const uint16_t *p)
+{
+    return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
+}
+
+static inline __m256 bn_load8_bf16(const uint16_t *p)
+{
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+static inline __m128 bn_load4_bf16(const uint16_t *p)
+{
+    __m128i w = _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)p));
+    return _mm_castsi128_ps(_mm_slli_epi32(w, 16));
+}
+
+static inline void bn_store8_bf16(uint16_t *p, __m256 v)
+{
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+    r = _mm256_srli_epi32(r, 16);
+    /* packus works within 128-bit lanes: gather the two low quadwords */
+    r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(r));
+}
+#endif
+
+#endif
