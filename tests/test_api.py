@@ -463,10 +463,10 @@ def test_bad_inputs_raise_and_name_the_argument(fn):
         (x, {"axis": 2}, ValueError, r"axis 2 is out of range"),
         (x, {"axis": -3}, ValueError, r"axis -3 is out of range"),
         (x, {"axis": 1.0}, TypeError, r"axis must be an integer"),
-        (np.ones((4, 3), np.int64), {}, TypeError, r"x must be a float32 or float64"),
-        (np.ones((4, 3), np.complex128), {}, TypeError, r"x must be a float32 or float64"),
-        (np.ones((4, 3), np.float16), {}, TypeError, r"x must be a float32 or float64"),
-        (np.ones((4, 3), bool), {}, TypeError, r"x must be a float32 or float64"),
+        (np.ones((4, 3), np.int64), {}, TypeError, r"x must be a float32, float64, float16"),
+        (np.ones((4, 3), np.complex128), {}, TypeError, r"x must be a float32, float64"),
+        (np.ones((4, 3), np.longdouble), {}, TypeError, r"x must be a float32, float64"),
+        (np.ones((4, 3), bool), {}, TypeError, r"x must be a float32, float64"),
     ]
     for arr, kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -529,7 +529,7 @@ def test_dy_mismatch_raises():
         bn.backward(np.ones((4, 3, 1), np.float32), x, st)
     with pytest.raises(TypeError, match=r"dy must have the dtype of x"):
         bn.backward(np.ones((4, 3), np.float64), x, st)
-    with pytest.raises(TypeError, match=r"dy must be a float32 or float64"):
+    with pytest.raises(TypeError, match=r"dy must be a float32, float64, float16 or bfloat16"):
         bn.backward(np.ones((4, 3), np.int32), x, st)
     with pytest.raises(ValueError, match=r"dy must have at least 2 dimensions"):
         bn.backward(np.ones(3, np.float32), x, st)
