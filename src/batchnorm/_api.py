@@ -144,6 +144,16 @@ def _check_training_count(x: np.ndarray, axis: int, name: str = "x") -> int:
     return n
 
 
+def _check_finite(a: np.ndarray, axis: int, name: str) -> None:
+    """With check_finite=True: a clear error naming the channels that hold NaN or inf."""
+    finite = np.isfinite(a.astype(np.float32) if a.itemsize == 2 else a)
+    if not finite.all():
+        others = tuple(i for i in range(a.ndim) if i != axis)
+        bad = np.flatnonzero(~finite.all(axis=others))
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if bad.size > 10 else "")
+        raise ValueError(f"{name} contains NaN or inf in channel(s) {shown} (check_finite=True)")
+
+
 # --- the canonical (outer, C, inner) view -------------------------------------------------
 
 
@@ -252,7 +262,7 @@ def _stats_arrays(st: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
 # --- public functions ---------------------------------------------------------------------
 
 
-def batch_stats(x: Any, axis: int = 1) -> Stats:
+def batch_stats(x: Any, axis: int = 1, *, check_finite: bool = False) -> Stats:
     """Per-channel mean and biased variance of a batch.
 
     Parameters
@@ -261,6 +271,9 @@ def batch_stats(x: Any, axis: int = 1) -> Stats:
         The batch; ``axis`` is the channel (feature) axis.
     axis : int, default 1
         1 for (N, D) and (N, C, H, W); -1 for channels-last (N, H, W, C).
+    check_finite : bool, default False
+        Raise ValueError if the input holds NaN or inf (costs one extra pass). By default
+        non-finite values propagate to the outputs of their own channel only.
 
     Returns
     -------
@@ -281,6 +294,8 @@ def batch_stats(x: Any, axis: int = 1) -> Stats:
     """
     x = _as_input(x, "x")
     ax = _channel_axis(axis, x.ndim)
+    if check_finite:
+        _check_finite(x, ax, "x")
     n = _count(x, ax)
     if n < 1:
         raise ValueError(f"x of shape {x.shape} has no values per channel along axis {ax}")
@@ -298,6 +313,7 @@ def forward_train(
     axis: int = 1,
     eps: float = 1e-5,
     out: Optional[np.ndarray] = None,
+    check_finite: bool = False,
 ) -> tuple[np.ndarray, Stats]:
     """Batch normalization in training mode: normalize with the batch's own statistics.
 
@@ -314,6 +330,9 @@ def forward_train(
     eps : float, default 1e-5
     out : ndarray, optional
         Buffer for ``y`` (same shape and dtype as ``x``); may be ``x`` itself.
+    check_finite : bool, default False
+        Raise ValueError if the input holds NaN or inf (costs one extra pass). By default
+        non-finite values propagate to the outputs of their own channel only.
 
     Returns
     -------
@@ -337,6 +356,8 @@ def forward_train(
     channels = x.shape[ax]
     n = _check_training_count(x, ax)
     g, b, e = _vector(gamma, channels, "gamma"), _vector(beta, channels, "beta"), _eps(eps)
+    if check_finite:
+        _check_finite(x, ax, "x")
     o = _output(out, x, ax, (x,))
     mean, var = np.empty(channels), np.empty(channels)
     _kernels.forward_train(
@@ -355,6 +376,7 @@ def forward_eval(
     axis: int = 1,
     eps: float = 1e-5,
     out: Optional[np.ndarray] = None,
+    check_finite: bool = False,
 ) -> np.ndarray:
     """Batch normalization in inference mode: normalize with given (running) statistics.
 
@@ -367,6 +389,9 @@ def forward_eval(
     axis : int, default 1
     eps : float, default 1e-5
     out : ndarray, optional
+    check_finite : bool, default False
+        Raise ValueError if the input holds NaN or inf (costs one extra pass). By default
+        non-finite values propagate to the outputs of their own channel only.
 
     Returns
     -------
@@ -389,6 +414,8 @@ def forward_eval(
     if (v < 0).any():
         raise ValueError("var must be non-negative")
     g, b, e = _vector(gamma, channels, "gamma"), _vector(beta, channels, "beta"), _eps(eps)
+    if check_finite:
+        _check_finite(x, ax, "x")
     o = _output(out, x, ax, (x,))
     _kernels.forward_eval(_input_view(x, ax), o.view, m, v, g, b, e, _is_bfloat16(x.dtype))
     return _finish(o)
@@ -404,6 +431,7 @@ def backward(
     eps: float = 1e-5,
     training: bool = True,
     out: Optional[np.ndarray] = None,
+    check_finite: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of batch normalization.
 
@@ -428,6 +456,9 @@ def backward(
     training : bool, default True
     out : ndarray, optional
         Buffer for ``dx``; may be ``dy`` itself.
+    check_finite : bool, default False
+        Raise ValueError if ``dy`` or ``x`` hold NaN or inf (costs one extra pass). By default
+        non-finite values propagate to the outputs of their own channel only.
 
     Returns
     -------
@@ -457,6 +488,9 @@ def backward(
         _check_training_count(x, ax)
     mean, var = _stats_arrays(st, channels)
     g, e = _vector(gamma, channels, "gamma"), _eps(eps)
+    if check_finite:
+        _check_finite(dy, ax, "dy")
+        _check_finite(x, ax, "x")
     o = _output(out, x, ax, (x, dy))
     dgamma, dbeta = np.empty(channels), np.empty(channels)
     _kernels.backward(

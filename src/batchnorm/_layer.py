@@ -42,7 +42,11 @@ class BatchNorm:
         Accumulate ``var * n / (n - 1)`` (PyTorch) rather than the biased batch variance
         (Keras, Flax, ONNX).
     dtype : float32 or float64, default float32
-        Storage type of the parameters and running statistics.
+        Storage type of the parameters and running statistics (inputs may be float16 or
+        bfloat16 as well; outputs have the input's dtype).
+    check_finite : bool, default False
+        Raise ValueError on NaN or inf in the input (and in dy in backward) instead of
+        letting them propagate; either way they never enter the running statistics.
 
     Examples
     --------
@@ -68,6 +72,7 @@ class BatchNorm:
         track_running_stats: bool = True,
         unbiased_running_var: bool = True,
         dtype: Any = np.float32,
+        check_finite: bool = False,
     ) -> None:
         try:
             c = operator.index(num_features)
@@ -92,6 +97,7 @@ class BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.unbiased_running_var = bool(unbiased_running_var)
         self.dtype = dt
+        self.check_finite = bool(check_finite)
         self.training = True
         self.grad_gamma: Optional[np.ndarray] = None
         self.grad_beta: Optional[np.ndarray] = None
@@ -216,7 +222,8 @@ class BatchNorm:
         gamma = None if self._gamma is None else self._gamma.astype(np.float64)
         if self.training or not self.track_running_stats:
             y, st = _api.forward_train(
-                x, gamma, self._beta, axis=ax, eps=self.eps, out=out
+                x, gamma, self._beta, axis=ax, eps=self.eps, out=out,
+                check_finite=self.check_finite,
             )
             if self.training and self.track_running_stats:
                 self._update_running_stats(st)
@@ -228,7 +235,8 @@ class BatchNorm:
                 _api._count(x, ax),
             )
             y = _api.forward_eval(
-                x, st.mean, st.var, gamma, self._beta, axis=ax, eps=self.eps, out=out
+                x, st.mean, st.var, gamma, self._beta, axis=ax, eps=self.eps, out=out,
+                check_finite=self.check_finite,
             )
             training = False
         self._saved = (None if in_place else x, st, gamma, ax, training)
@@ -266,7 +274,8 @@ class BatchNorm:
                 "backward() needs the forward input, which the forward call overwrote (out=x)"
             )
         dx, dgamma, dbeta = _api.backward(
-            dy, x, st, gamma, axis=ax, eps=self.eps, training=training, out=out
+            dy, x, st, gamma, axis=ax, eps=self.eps, training=training, out=out,
+            check_finite=self.check_finite,
         )
         if self.affine:
             self.grad_gamma = dgamma.astype(self.dtype)
