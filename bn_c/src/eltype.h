@@ -25,7 +25,6 @@
 #undef BN_VMUL
 #undef BN_VFMA
 #undef BN_LOAD4D
-#undef BN_LOAD8F
 #undef BN_SIMD
 
 #if BN_KIND == BN_KIND_F64
@@ -95,7 +94,6 @@
 #define BN_VST bn_store8_bf16
 #define BN_LOAD4D(p) _mm256_cvtps_pd(bn_load4_bf16(p))
 #endif
-#define BN_LOAD8F(p) BN_VLD(p) /* 8 elements as float, for the quick sums */
 #endif
 #else
 #define BN_SIMD 0

@@ -19,150 +19,117 @@ static inline double bn_hsum4(__m256d v)
     __m128d s = _mm_add_pd(lo, hi);
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
-
-static inline double bn_hsum8f(__m256 v)
-{
-    return bn_hsum4(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-                                  _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
-}
 #endif
 
-/* sum of x */
-static inline double FN(run_sum)(const BN_T *x, ptrdiff_t n, ptrdiff_t st)
-{
-    double a0 = 0, a1 = 0;
-    ptrdiff_t i = 0;
-    if (st == 1) {
-#if BN_SIMD
-        __m256d v0 = _mm256_setzero_pd(), v1 = v0, v2 = v0, v3 = v0;
-        for (; i + 16 <= n; i += 16) {
-            v0 = _mm256_add_pd(v0, BN_LOAD4D(x + i));
-            v1 = _mm256_add_pd(v1, BN_LOAD4D(x + i + 4));
-            v2 = _mm256_add_pd(v2, BN_LOAD4D(x + i + 8));
-            v3 = _mm256_add_pd(v3, BN_LOAD4D(x + i + 12));
-        }
-        for (; i + 4 <= n; i += 4) v0 = _mm256_add_pd(v0, BN_LOAD4D(x + i));
-        a0 = bn_hsum4(_mm256_add_pd(_mm256_add_pd(v0, v1), _mm256_add_pd(v2, v3)));
-#endif
-        for (; i + 2 <= n; i += 2) a0 += (double)BN_LD(x + i), a1 += (double)BN_LD(x + i + 1);
-        for (; i < n; ++i) a0 += (double)BN_LD(x + i);
-    } else {
-        for (; i < n; ++i) a0 += (double)BN_LD(x + i * st);
-    }
-    return a0 + a1;
-}
-
-/* A quick sum of x for the provisional mean of the two-pass statistics, which only has to
- * be close: the second pass measures and removes its error exactly. Narrow types are summed
- * in float lanes (8 per vector, no widening); overflow is caught by the caller. */
-static inline double FN(run_sum_rough)(const BN_T *x, ptrdiff_t n, ptrdiff_t st)
-{
-#if BN_SIMD && BN_KIND != BN_KIND_F64
-    if (st == 1 && n >= 32) {
-        __m256 v0 = _mm256_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
-        ptrdiff_t i = 0;
-        double tail = 0.0;
-        for (; i + 32 <= n; i += 32) {
-            v0 = _mm256_add_ps(v0, BN_LOAD8F(x + i));
-            v1 = _mm256_add_ps(v1, BN_LOAD8F(x + i + 8));
-            v2 = _mm256_add_ps(v2, BN_LOAD8F(x + i + 16));
-            v3 = _mm256_add_ps(v3, BN_LOAD8F(x + i + 24));
-        }
-        for (; i < n; ++i) tail += (double)BN_LD(x + i);
-        return bn_hsum8f(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3))) + tail;
-    }
-#endif
-    return FN(run_sum)(x, n, st);
-}
+/* Reductions over a plane: `rows` runs of n elements (element stride st, row stride rs) of
+ * one channel. Vector accumulators live across all the rows and are reduced once at the end,
+ * so short runs (small images) cost no per-row horizontal sums. */
 
 /* sum of d and of d*d, d = x - m */
-static inline void FN(run_dev)(const BN_T *x, ptrdiff_t n, ptrdiff_t st, double m, double *sd,
-                               double *sdd)
+static inline void FN(run_dev)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, ptrdiff_t n,
+                               ptrdiff_t st, double m, double *sd, double *sdd)
 {
     double d0 = 0, d1 = 0, q0 = 0, q1 = 0;
-    ptrdiff_t i = 0;
-    if (st == 1) {
+    ptrdiff_t r, i;
 #if BN_SIMD
-        __m256d vm = _mm256_set1_pd(m), s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
-        __m256d p0 = s0, p1 = s0, p2 = s0, p3 = s0;
-        for (; i + 16 <= n; i += 16) {
-            __m256d e0 = _mm256_sub_pd(BN_LOAD4D(x + i), vm);
-            __m256d e1 = _mm256_sub_pd(BN_LOAD4D(x + i + 4), vm);
-            __m256d e2 = _mm256_sub_pd(BN_LOAD4D(x + i + 8), vm);
-            __m256d e3 = _mm256_sub_pd(BN_LOAD4D(x + i + 12), vm);
-            s0 = _mm256_add_pd(s0, e0), p0 = _mm256_fmadd_pd(e0, e0, p0);
-            s1 = _mm256_add_pd(s1, e1), p1 = _mm256_fmadd_pd(e1, e1, p1);
-            s2 = _mm256_add_pd(s2, e2), p2 = _mm256_fmadd_pd(e2, e2, p2);
-            s3 = _mm256_add_pd(s3, e3), p3 = _mm256_fmadd_pd(e3, e3, p3);
-        }
-        for (; i + 4 <= n; i += 4) {
-            __m256d e0 = _mm256_sub_pd(BN_LOAD4D(x + i), vm);
-            s0 = _mm256_add_pd(s0, e0), p0 = _mm256_fmadd_pd(e0, e0, p0);
-        }
-        d0 = bn_hsum4(_mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3)));
-        q0 = bn_hsum4(_mm256_add_pd(_mm256_add_pd(p0, p1), _mm256_add_pd(p2, p3)));
+    __m256d vm = _mm256_set1_pd(m), s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+    __m256d p0 = s0, p1 = s0, p2 = s0, p3 = s0;
 #endif
-        for (; i + 2 <= n; i += 2) {
-            double e0 = (double)BN_LD(x + i) - m, e1 = (double)BN_LD(x + i + 1) - m;
-            d0 += e0, d1 += e1, q0 += e0 * e0, q1 += e1 * e1;
-        }
-        for (; i < n; ++i) {
-            double e = (double)BN_LD(x + i) - m;
-            d0 += e, q0 += e * e;
-        }
-    } else {
-        for (; i < n; ++i) {
-            double e = (double)BN_LD(x + i * st) - m;
-            d0 += e, q0 += e * e;
+    for (r = 0; r < rows; ++r) {
+        const BN_T *p = x + r * rs;
+        i = 0;
+        if (st == 1) {
+#if BN_SIMD
+            for (; i + 16 <= n; i += 16) {
+                __m256d e0 = _mm256_sub_pd(BN_LOAD4D(p + i), vm);
+                __m256d e1 = _mm256_sub_pd(BN_LOAD4D(p + i + 4), vm);
+                __m256d e2 = _mm256_sub_pd(BN_LOAD4D(p + i + 8), vm);
+                __m256d e3 = _mm256_sub_pd(BN_LOAD4D(p + i + 12), vm);
+                s0 = _mm256_add_pd(s0, e0), p0 = _mm256_fmadd_pd(e0, e0, p0);
+                s1 = _mm256_add_pd(s1, e1), p1 = _mm256_fmadd_pd(e1, e1, p1);
+                s2 = _mm256_add_pd(s2, e2), p2 = _mm256_fmadd_pd(e2, e2, p2);
+                s3 = _mm256_add_pd(s3, e3), p3 = _mm256_fmadd_pd(e3, e3, p3);
+            }
+            for (; i + 4 <= n; i += 4) {
+                __m256d e0 = _mm256_sub_pd(BN_LOAD4D(p + i), vm);
+                s0 = _mm256_add_pd(s0, e0), p0 = _mm256_fmadd_pd(e0, e0, p0);
+            }
+#endif
+            for (; i + 2 <= n; i += 2) {
+                double e0 = (double)BN_LD(p + i) - m, e1 = (double)BN_LD(p + i + 1) - m;
+                d0 += e0, d1 += e1, q0 += e0 * e0, q1 += e1 * e1;
+            }
+            for (; i < n; ++i) {
+                double e = (double)BN_LD(p + i) - m;
+                d0 += e, q0 += e * e;
+            }
+        } else {
+            for (; i < n; ++i) {
+                double e = (double)BN_LD(p + i * st) - m;
+                d0 += e, q0 += e * e;
+            }
         }
     }
+#if BN_SIMD
+    d0 += bn_hsum4(_mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3)));
+    q0 += bn_hsum4(_mm256_add_pd(_mm256_add_pd(p0, p1), _mm256_add_pd(p2, p3)));
+#endif
     *sd += d0 + d1;
     *sdd += q0 + q1;
 }
 
 /* sum of dy and of dy * (x - m) */
-static inline void FN(run_bwd_sums)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrdiff_t xst,
+static inline void FN(run_bwd_sums)(const BN_T *dy, ptrdiff_t dyrs, ptrdiff_t dyst,
+                                    const BN_T *x, ptrdiff_t xrs, ptrdiff_t xst, ptrdiff_t rows,
                                     ptrdiff_t n, double m, double *sdy, double *sdyx)
 {
     double s0 = 0, s1 = 0, p0 = 0, p1 = 0;
-    ptrdiff_t i = 0;
-    if (dyst == 1 && xst == 1) {
+    ptrdiff_t r, i;
 #if BN_SIMD
-        __m256d vm = _mm256_set1_pd(m), g0 = _mm256_setzero_pd(), g1 = g0, g2 = g0, g3 = g0;
-        __m256d h0 = g0, h1 = g0, h2 = g0, h3 = g0;
-        for (; i + 16 <= n; i += 16) {
-            __m256d a = BN_LOAD4D(dy + i), b = BN_LOAD4D(dy + i + 4);
-            __m256d c = BN_LOAD4D(dy + i + 8), d = BN_LOAD4D(dy + i + 12);
-            g0 = _mm256_add_pd(g0, a), g1 = _mm256_add_pd(g1, b);
-            g2 = _mm256_add_pd(g2, c), g3 = _mm256_add_pd(g3, d);
-            h0 = _mm256_fmadd_pd(a, _mm256_sub_pd(BN_LOAD4D(x + i), vm), h0);
-            h1 = _mm256_fmadd_pd(b, _mm256_sub_pd(BN_LOAD4D(x + i + 4), vm), h1);
-            h2 = _mm256_fmadd_pd(c, _mm256_sub_pd(BN_LOAD4D(x + i + 8), vm), h2);
-            h3 = _mm256_fmadd_pd(d, _mm256_sub_pd(BN_LOAD4D(x + i + 12), vm), h3);
-        }
-        for (; i + 4 <= n; i += 4) {
-            __m256d a = BN_LOAD4D(dy + i);
-            g0 = _mm256_add_pd(g0, a);
-            h0 = _mm256_fmadd_pd(a, _mm256_sub_pd(BN_LOAD4D(x + i), vm), h0);
-        }
-        s0 = bn_hsum4(_mm256_add_pd(_mm256_add_pd(g0, g1), _mm256_add_pd(g2, g3)));
-        p0 = bn_hsum4(_mm256_add_pd(_mm256_add_pd(h0, h1), _mm256_add_pd(h2, h3)));
+    __m256d vm = _mm256_set1_pd(m), g0 = _mm256_setzero_pd(), g1 = g0, g2 = g0, g3 = g0;
+    __m256d h0 = g0, h1 = g0, h2 = g0, h3 = g0;
 #endif
-        for (; i + 2 <= n; i += 2) {
-            double g0 = (double)BN_LD(dy + i), g1 = (double)BN_LD(dy + i + 1);
-            s0 += g0, s1 += g1;
-            p0 += g0 * ((double)BN_LD(x + i) - m), p1 += g1 * ((double)BN_LD(x + i + 1) - m);
-        }
-        for (; i < n; ++i) {
-            double g = (double)BN_LD(dy + i);
-            s0 += g, p0 += g * ((double)BN_LD(x + i) - m);
-        }
-    } else {
-        for (; i < n; ++i) {
-            double g = (double)BN_LD(dy + i * dyst);
-            s0 += g, p0 += g * ((double)BN_LD(x + i * xst) - m);
+    for (r = 0; r < rows; ++r) {
+        const BN_T *pg = dy + r * dyrs, *px = x + r * xrs;
+        i = 0;
+        if (dyst == 1 && xst == 1) {
+#if BN_SIMD
+            for (; i + 16 <= n; i += 16) {
+                __m256d a = BN_LOAD4D(pg + i), b = BN_LOAD4D(pg + i + 4);
+                __m256d c = BN_LOAD4D(pg + i + 8), d = BN_LOAD4D(pg + i + 12);
+                g0 = _mm256_add_pd(g0, a), g1 = _mm256_add_pd(g1, b);
+                g2 = _mm256_add_pd(g2, c), g3 = _mm256_add_pd(g3, d);
+                h0 = _mm256_fmadd_pd(a, _mm256_sub_pd(BN_LOAD4D(px + i), vm), h0);
+                h1 = _mm256_fmadd_pd(b, _mm256_sub_pd(BN_LOAD4D(px + i + 4), vm), h1);
+                h2 = _mm256_fmadd_pd(c, _mm256_sub_pd(BN_LOAD4D(px + i + 8), vm), h2);
+                h3 = _mm256_fmadd_pd(d, _mm256_sub_pd(BN_LOAD4D(px + i + 12), vm), h3);
+            }
+            for (; i + 4 <= n; i += 4) {
+                __m256d a = BN_LOAD4D(pg + i);
+                g0 = _mm256_add_pd(g0, a);
+                h0 = _mm256_fmadd_pd(a, _mm256_sub_pd(BN_LOAD4D(px + i), vm), h0);
+            }
+#endif
+            for (; i + 2 <= n; i += 2) {
+                double a = (double)BN_LD(pg + i), b = (double)BN_LD(pg + i + 1);
+                s0 += a, s1 += b;
+                p0 += a * ((double)BN_LD(px + i) - m), p1 += b * ((double)BN_LD(px + i + 1) - m);
+            }
+            for (; i < n; ++i) {
+                double a = (double)BN_LD(pg + i);
+                s0 += a, p0 += a * ((double)BN_LD(px + i) - m);
+            }
+        } else {
+            for (; i < n; ++i) {
+                double a = (double)BN_LD(pg + i * dyst);
+                s0 += a, p0 += a * ((double)BN_LD(px + i * xst) - m);
+            }
         }
     }
+#if BN_SIMD
+    s0 += bn_hsum4(_mm256_add_pd(_mm256_add_pd(g0, g1), _mm256_add_pd(g2, g3)));
+    p0 += bn_hsum4(_mm256_add_pd(_mm256_add_pd(h0, h1), _mm256_add_pd(h2, h3)));
+#endif
     *sdy += s0 + s1;
     *sdyx += p0 + p1;
 }
@@ -287,56 +254,6 @@ static inline void FN(cols_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrd
 /* Reductions over `rows` rows (row stride rs) of cn channels (channel stride cst), one
  * accumulator per channel, rows in order. With SIMD, blocks of 16 contiguous channels keep
  * their accumulators in registers for all the rows; the order per channel is the same. */
-
-/* acc[j] += sum over rows of x[r, j] */
-static inline void FN(cols_sum_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, ptrdiff_t cst,
-                                     ptrdiff_t cn, double *acc)
-{
-    ptrdiff_t j = 0, r;
-#if BN_SIMD
-    for (; cst == 1 && j + 16 <= cn; j += 16) {
-        __m256d v0 = _mm256_loadu_pd(acc + j), v1 = _mm256_loadu_pd(acc + j + 4);
-        __m256d v2 = _mm256_loadu_pd(acc + j + 8), v3 = _mm256_loadu_pd(acc + j + 12);
-        for (r = 0; r < rows; ++r) {
-            const BN_T *p = x + r * rs + j;
-            v0 = _mm256_add_pd(v0, BN_LOAD4D(p)), v1 = _mm256_add_pd(v1, BN_LOAD4D(p + 4));
-            v2 = _mm256_add_pd(v2, BN_LOAD4D(p + 8)), v3 = _mm256_add_pd(v3, BN_LOAD4D(p + 12));
-        }
-        _mm256_storeu_pd(acc + j, v0), _mm256_storeu_pd(acc + j + 4, v1);
-        _mm256_storeu_pd(acc + j + 8, v2), _mm256_storeu_pd(acc + j + 12, v3);
-    }
-#endif
-    for (r = 0; r < rows; ++r) {
-        const BN_T *p = x + r * rs;
-        ptrdiff_t i;
-        for (i = j; i < cn; ++i) acc[i] += (double)BN_LD(p + i * cst);
-    }
-}
-
-/* acc[j] += a quick sum over rows of x[r, j] (see run_sum_rough) */
-static inline void FN(cols_sum_rows_rough)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows,
-                                           ptrdiff_t cst, ptrdiff_t cn, double *acc)
-{
-    ptrdiff_t j = 0;
-#if BN_SIMD && BN_KIND != BN_KIND_F64
-    for (; cst == 1 && j + 16 <= cn; j += 16) {
-        __m256 v0 = _mm256_setzero_ps(), v1 = v0;
-        __m128 lo0, hi0, lo1, hi1;
-        ptrdiff_t r;
-        for (r = 0; r < rows; ++r) {
-            v0 = _mm256_add_ps(v0, BN_LOAD8F(x + r * rs + j));
-            v1 = _mm256_add_ps(v1, BN_LOAD8F(x + r * rs + j + 8));
-        }
-        lo0 = _mm256_castps256_ps128(v0), hi0 = _mm256_extractf128_ps(v0, 1);
-        lo1 = _mm256_castps256_ps128(v1), hi1 = _mm256_extractf128_ps(v1, 1);
-        _mm256_storeu_pd(acc + j, _mm256_add_pd(_mm256_loadu_pd(acc + j), _mm256_cvtps_pd(lo0)));
-        _mm256_storeu_pd(acc + j + 4, _mm256_add_pd(_mm256_loadu_pd(acc + j + 4), _mm256_cvtps_pd(hi0)));
-        _mm256_storeu_pd(acc + j + 8, _mm256_add_pd(_mm256_loadu_pd(acc + j + 8), _mm256_cvtps_pd(lo1)));
-        _mm256_storeu_pd(acc + j + 12, _mm256_add_pd(_mm256_loadu_pd(acc + j + 12), _mm256_cvtps_pd(hi1)));
-    }
-#endif
-    if (j < cn) FN(cols_sum_rows)(x + j * cst, rs, rows, cst, cn - j, acc + j);
-}
 
 /* sd[j] += sum of d, sdd[j] += sum of d*d, d = x[r, j] - m[j] */
 static inline void FN(cols_dev_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, ptrdiff_t cst,

@@ -1,52 +1,49 @@
 /* What one work unit does (see unit.h for where a unit lies), for element type BN_T.
  * Included once per element type by each kernel family; no include guard on purpose. */
-#include <float.h>
-
 #include "runs_impl.h"
 
-/* Partial mean and M2 (sum of squared deviations) of a unit: two passes over the unit, the
- * second from cache; the mean is refined by the mean deviation so that a constant channel
- * gets its value back exactly. Traffic: one read of x. */
+/* Partial mean and M2 (sum of squared deviations) of a unit, from sums of d = x - K with the
+ * shift K = the unit's first value: one pass, exact zero variance for a constant channel.
+ * When K lies far from the mean (M2 below 2^-10 of the sum of d*d, i.e. more than ~3 of 16
+ * digits lost to cancellation) the pass is redone, from cache, with K = the mean just found.
+ * Traffic: one read of x. */
+#define BN_REDO_BELOW (1.0 / 1024.0)
+
 static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
                                   ptrdiff_t u, double *pmean, double *pm2)
 {
     bn_unit w = bn_unit_at(t, s, u);
-    ptrdiff_t o, j;
+    ptrdiff_t j;
     if (t->planar) {
+        double n = (double)(w.rows * w.len);
         for (j = 0; j < w.cn; ++j) {
             const BN_T *base = BN_AT(x, xs, w.o0, w.c0 + j, w.i0);
-            double n = (double)(w.rows * w.len), sum = 0.0, sd = 0.0, sdd = 0.0, m1;
-            for (o = 0; o < w.rows; ++o)
-                sum += FN(run_sum_rough)(base + o * xs.outer, w.len, xs.inner);
-            m1 = sum / n;
-            if (!(fabs(m1) <= DBL_MAX)) { /* the quick sum overflowed, or data not finite */
-                for (sum = 0.0, o = 0; o < w.rows; ++o)
-                    sum += FN(run_sum)(base + o * xs.outer, w.len, xs.inner);
-                m1 = sum / n;
+            double k = (double)BN_LD(base), sd = 0.0, sdd = 0.0, m2;
+            FN(run_dev)(base, xs.outer, w.rows, w.len, xs.inner, k, &sd, &sdd);
+            m2 = sdd - sd * (sd / n);
+            if (m2 < sdd * BN_REDO_BELOW) {
+                k = (double)(BN_CT)(k + sd / n), sd = sdd = 0.0;
+                FN(run_dev)(base, xs.outer, w.rows, w.len, xs.inner, k, &sd, &sdd);
+                m2 = sdd - sd * (sd / n);
             }
-            for (o = 0; o < w.rows; ++o)
-                FN(run_dev)(base + o * xs.outer, w.len, xs.inner, m1, &sd, &sdd);
-            pmean[w.slot + j * t->parts] = m1 + sd / n;
-            pm2[w.slot + j * t->parts] = sdd - sd * (sd / n);
+            pmean[w.slot + j * t->parts] = k + sd / n;
+            pm2[w.slot + j * t->parts] = m2;
         }
     } else {
-        double acc[BN_MAX_CHANNEL_BLOCK], sd[BN_MAX_CHANNEL_BLOCK], sdd[BN_MAX_CHANNEL_BLOCK];
+        double k[BN_MAX_CHANNEL_BLOCK], sd[BN_MAX_CHANNEL_BLOCK], sdd[BN_MAX_CHANNEL_BLOCK];
         const BN_T *base = BN_AT(x, xs, w.o0, w.c0, 0);
         double n = (double)w.rows;
-        for (j = 0; j < w.cn; ++j) acc[j] = sd[j] = sdd[j] = 0.0;
-        FN(cols_sum_rows_rough)(base, xs.outer, w.rows, xs.channel, w.cn, acc);
-        for (j = 0; j < w.cn; ++j) {
-            acc[j] /= n;
-            if (!(fabs(acc[j]) <= DBL_MAX)) { /* overflow in the quick sum: redo exactly */
-                for (j = 0; j < w.cn; ++j) acc[j] = 0.0;
-                FN(cols_sum_rows)(base, xs.outer, w.rows, xs.channel, w.cn, acc);
-                for (j = 0; j < w.cn; ++j) acc[j] /= n;
-                break;
-            }
+        int redo = 0;
+        for (j = 0; j < w.cn; ++j) k[j] = (double)BN_LD(base + j * xs.channel), sd[j] = sdd[j] = 0.0;
+        FN(cols_dev_rows)(base, xs.outer, w.rows, xs.channel, w.cn, k, sd, sdd);
+        for (j = 0; j < w.cn; ++j) redo |= sdd[j] - sd[j] * (sd[j] / n) < sdd[j] * BN_REDO_BELOW;
+        if (redo) {
+            for (j = 0; j < w.cn; ++j)
+                k[j] = (double)(BN_CT)(k[j] + sd[j] / n), sd[j] = sdd[j] = 0.0;
+            FN(cols_dev_rows)(base, xs.outer, w.rows, xs.channel, w.cn, k, sd, sdd);
         }
-        FN(cols_dev_rows)(base, xs.outer, w.rows, xs.channel, w.cn, acc, sd, sdd);
         for (j = 0; j < w.cn; ++j) {
-            pmean[w.slot + j * t->parts] = acc[j] + sd[j] / n;
+            pmean[w.slot + j * t->parts] = k[j] + sd[j] / n;
             pm2[w.slot + j * t->parts] = sdd[j] - sd[j] * (sd[j] / n);
         }
     }
@@ -96,14 +93,14 @@ static inline void FN(bwd_sums_unit)(const bn_tiling *t, bn_shape s, const BN_T 
                                      double *psdyx)
 {
     bn_unit w = bn_unit_at(t, s, u);
-    ptrdiff_t o, j;
+    ptrdiff_t j;
     if (t->planar) {
         for (j = 0; j < w.cn; ++j) {
             ptrdiff_t c = w.c0 + j;
             double sdy = 0.0, sdyx = 0.0;
-            for (o = w.o0; o < w.o0 + w.rows; ++o)
-                FN(run_bwd_sums)(BN_AT(dy, dys, o, c, w.i0), dys.inner, BN_AT(x, xs, o, c, w.i0),
-                                 xs.inner, w.len, mean[c], &sdy, &sdyx);
+            FN(run_bwd_sums)(BN_AT(dy, dys, w.o0, c, w.i0), dys.outer, dys.inner,
+                             BN_AT(x, xs, w.o0, c, w.i0), xs.outer, xs.inner, w.rows, w.len,
+                             mean[c], &sdy, &sdyx);
             psdy[w.slot + j * t->parts] = sdy;
             psdyx[w.slot + j * t->parts] = sdyx;
         }
