@@ -51,7 +51,8 @@ def test_page_examples(page):
         str(page), module_relative=False, encoding="utf-8", verbose=False, report=True,
         optionflags=doctest.ELLIPSIS,
     )
-    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {page.name}"
+    assert result.failed == 0, (
+        f"{result.failed} of {result.attempted} examples failed in {page.name}")
 
 
 def test_pages_with_numbers_have_examples():
