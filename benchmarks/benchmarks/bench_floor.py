@@ -33,7 +33,8 @@ class RatioToFloor:
         self.floor = Floor(bn.get_num_threads())
 
     def teardown(self, *params):
-        self.floor.close()
+        if hasattr(self, "floor"):  # setup may have skipped this case
+            self.floor.close()
 
     def track_ratio_to_floor(self, shape, layout, op):
         x, dy, out, ax, g, b, st = (self.x, self.dy, self.out, self.axis, self.gamma,
