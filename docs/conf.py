@@ -47,4 +47,7 @@ nitpicky = False
 
 
 def setup(app):
-    app.connect("builder-inited", lambda app: figures.draw_all(os.path.join(app.srcdir, "_generated")))
+    def draw(app):
+        figures.draw_all(os.path.join(app.srcdir, "_generated"))
+
+    app.connect("builder-inited", draw)

@@ -51,7 +51,8 @@ def test_page_examples(page):
         str(page), module_relative=False, encoding="utf-8", verbose=False, report=True,
         optionflags=doctest.ELLIPSIS,
     )
-    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {page.name}"
+    assert result.failed == 0, (
+        f"{result.failed} of {result.attempted} examples failed in {page.name}")
 
 
 def test_pages_with_numbers_have_examples():
@@ -190,3 +191,35 @@ def test_cython_example(tmp_path, monkeypatch):
     np.testing.assert_array_equal(mean, st.mean)
     np.testing.assert_array_equal(var, st.var)
     np.testing.assert_array_equal(y, y_ref)
+
+
+# --- the README --------------------------------------------------------------------------------
+
+
+def _readme() -> str:
+    readme = ROOT / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md not found")
+    return readme.read_text(encoding="utf-8")
+
+
+def test_readme_starts_with_the_two_commands():
+    """CI runs the second ```bash block as its test command: it must stay what it is."""
+    blocks = re.findall(r"^```bash\n(.*?)\n```", _readme(), re.S | re.M)
+    assert blocks[:2] == ['pip install . && python -m batchnorm explain',
+                          'pip install ".[test]" && python -m pytest tests']
+
+
+def test_readme_example_runs():
+    blocks = re.findall(r"^```python\n(.*?)```", _readme(), re.S | re.M)
+    assert blocks
+    for code in blocks:
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+        assert namespace["st"].mean.shape == (4,)
+        assert namespace["y1"].shape == (1, 4)
+
+
+def test_readme_links_to_the_guide():
+    for target in re.findall(r"\]\((docs/[^)]+)\)", _readme()):
+        assert (ROOT / target).exists(), target

@@ -427,8 +427,9 @@ def explain_walkthrough(args: argparse.Namespace, out: Out = print) -> Walkthrou
     c = data.shape[ax]
     for i, batch in enumerate(batches):
         if batch.size // c < 2:
-            raise _fail(f"mini-batch {i + 1} has one value per {'feature' if data.ndim == 2 else 'channel'}: "
-                        "training needs at least 2 (use a larger --batch-size)")
+            what = "feature" if data.ndim == 2 else "channel"
+            raise _fail(f"mini-batch {i + 1} has one value per {what}: training needs at least "
+                        "2 (use a larger --batch-size)")
     gamma = _param(getattr(args, "gamma", None), c, "gamma", 1.0)
     beta = _param(getattr(args, "beta", None), c, "beta", 0.0)
     w = walkthrough(batches, example, axis=ax, eps=args.eps, momentum=args.momentum,
@@ -528,7 +529,7 @@ def _print_inference(w: Walkthrough, source: str, out: Out) -> None:
     out("  Why:")
     st = w.steps[-1].stats
     for name, layer in w.layers.items():
-        rm, rv = layer.running_mean, layer.running_var
+        rm = layer.running_mean
         if name == "cumulative":
             if len(w.steps) == 1:
                 out(f"   - {name}: after one batch the average of all batches IS that batch: "

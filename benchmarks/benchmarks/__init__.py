@@ -1,0 +1,1 @@
+"""asv benchmark suites for batchnorm (see ../README.md)."""

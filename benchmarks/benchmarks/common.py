@@ -1,0 +1,125 @@
+"""What the suites share: performance.md's shapes, inputs, thread settings, the copy floor.
+
+Shapes are written (N, C, spatial...) or (N, C); the layout says how they lie in memory:
+nchw keeps that order (axis=1), nhwc moves C last (axis=-1). A 2-D shape has one layout, so
+its "nhwc" variant is skipped (NotImplementedError in setup is asv's "skip").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+import batchnorm as bn
+
+# performance.md: ResNet-50 shapes (the peer table's, one with many channels and few pixels),
+# one larger than the last-level cache, the 2-D and small peer shapes, and C = 251.
+SHAPES = [
+    "32x64x56x56", "32x256x14x14", "64x128x56x56", "256x1024", "8x32x8x8", "32x251x7x7",
+]
+LAYOUTS = ["nchw", "nhwc"]
+DTYPES = ["float32", "float64"]
+THREADS = ["1", "all"]
+EPS = 1e-5
+
+
+def case(shape: str, layout: str) -> tuple[tuple[int, ...], int]:
+    """(the array's shape, the channel axis) of a shape label in a layout."""
+    dims = tuple(int(d) for d in shape.split("x"))
+    if len(dims) == 2:
+        if layout != "nchw":
+            raise NotImplementedError("a 2-D shape has one layout, benchmarked as nchw")
+        return dims, 1
+    if layout == "nhwc":
+        return dims[:1] + dims[2:] + dims[1:2], -1
+    return dims, 1
+
+
+def inputs(shape: str, layout: str, dtype: str, *, loc: float = 3.0, scale: float = 2.0,
+           seed: int = 0):
+    """x (loc + scale * normal), dy (normal), the axis, gamma and beta (float64, (C,))."""
+    phys, axis = case(shape, layout)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(phys, dtype=np.float32).astype(dtype)
+    x *= scale
+    x += loc
+    dy = rng.standard_normal(phys, dtype=np.float32).astype(dtype)
+    c = phys[axis]
+    gamma = rng.uniform(0.5, 1.5, c)
+    beta = rng.uniform(-0.5, 0.5, c)
+    return x, dy, axis, gamma, beta
+
+
+def set_threads(threads: str) -> None:
+    """'1' or 'all' (batchnorm's default: OMP_NUM_THREADS, or every core)."""
+    bn.set_num_threads(None if threads == "all" else int(threads))
+
+
+class Floor:
+    """The memory floor: the fastest of a NumPy op on one thread and over T slices in T threads.
+
+    copy: ``np.copyto(y, x)``; add: ``np.add(x, dy, out=dx)`` (backward's floor). PyTorch's
+    ``Tensor.copy_``, which ``python -m batchnorm bench`` adds when installed, is left out
+    here so that the suite needs NumPy only and its numbers do not depend on the environment.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(max_workers=threads - 1) if threads > 1 else None
+
+    def _threaded(self, fn, *arrays):
+        flats = [a.reshape(-1) for a in arrays]
+        n = flats[0].size
+        bounds = [n * i // self.threads for i in range(self.threads + 1)]
+        parts = [tuple(f[lo:hi] for f in flats) for lo, hi in zip(bounds, bounds[1:])]
+
+        def run():
+            futures = [self.pool.submit(fn, *p) for p in parts[1:]]
+            fn(*parts[0])
+            for f in futures:
+                f.result()
+
+        return run
+
+    def candidates(self, kind: str, x, y_or_dy, dx=None) -> dict:
+        """Floor candidates for 'copy' (x -> y) or 'add' (x + dy -> dx)."""
+        if kind == "copy":
+            y = y_or_dy
+            cands = {"numpy 1 thread": lambda: np.copyto(y, x)}
+            if self.pool:
+                cands["numpy threads"] = self._threaded(np.copyto, y, x)
+        else:
+            dy = y_or_dy
+            cands = {"numpy 1 thread": lambda: np.add(x, dy, out=dx)}
+            if self.pool:
+                cands["numpy threads"] = self._threaded(
+                    lambda a, b, o: np.add(a, b, out=o), x, dy, dx)
+        return cands
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
+
+
+def interleaved_medians(cands: dict, rounds: int = 7, min_sample: float = 0.005) -> dict:
+    """Median seconds per call of each candidate, timed round-robin (one sample each a round)."""
+    number = {}
+    for name, fn in cands.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        number[name] = max(1, math.ceil(min_sample / max(time.perf_counter() - t0, 1e-9)))
+    samples = {name: [] for name in cands}
+    names = list(cands)
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            fn, n = cands[name], number[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / n)
+    return {name: float(np.median(s)) for name, s in samples.items()}
