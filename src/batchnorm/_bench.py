@@ -664,7 +664,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(C last, axis=-1); default: the peer table's own, both elsewhere")
     p.add_argument("--batch", default=None,
                    help="N for the resnet set, comma-separated (default 32; 'all': 1,32)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="dtype of the inputs (default float32)")
     p.add_argument("--ops", default=",".join(OPS),
                    help=f"comma-separated, from {','.join(OPS)} (default: all)")
     p.add_argument("--threads", type=int, default=None,
