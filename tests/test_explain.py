@@ -65,3 +65,152 @@ def test_unknown_command_fails():
     with pytest.raises(SystemExit) as info:
         main(["no-such-command"])
     assert info.value.code != 0
+
+
+# --- the extended walkthrough and topics (numbers recomputed here from the definitions) -------
+
+import numpy as np  # noqa: E402
+
+from batchnorm import _explain  # noqa: E402
+
+BATCH = np.array([[4, 5, 2, 1], [3, 4, 6, 0], [1, 4, 7, 9]], dtype=np.float64)
+EXAMPLE = np.array([3.0, 5, 7, 9])
+
+
+def _explain_out(capsys, *argv) -> str:
+    assert main(["explain", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def _by_hand(momentum, unbiased, eps, steps=1):
+    """Running statistics after `steps` steps on BATCH, then inference on EXAMPLE."""
+    n = len(BATCH)
+    mean, var = BATCH.mean(axis=0), BATCH.var(axis=0)
+    rm, rv = np.zeros(4), np.ones(4)
+    for t in range(1, steps + 1):
+        m = 1.0 / t if momentum is None else momentum
+        rm = (1 - m) * rm + m * mean
+        rv = (1 - m) * rv + m * (var * n / (n - 1) if unbiased else var)
+    return rm, rv, (EXAMPLE - rm) / np.sqrt(rv + eps)
+
+
+def test_walkthrough_numbers():
+    w = _explain.walkthrough([BATCH], EXAMPLE[None, :])
+    st = w.steps[0].stats
+    np.testing.assert_allclose(st.mean * 3, [8, 13, 15, 10], rtol=1e-14)
+    np.testing.assert_allclose(st.var * 9, [14, 2, 42, 146], rtol=1e-14)
+    np.testing.assert_allclose(w.steps[0].y, (BATCH - BATCH.mean(0)) / BATCH.std(0), atol=1e-14)
+    np.testing.assert_allclose(w.target[0], EXACT, rtol=1e-14)
+    expected = {"PyTorch": (0.1, True, 1e-5), "Keras": (0.01, False, 1e-3),
+                "cumulative": (None, False, 1e-5)}
+    for name, (m, unbiased, eps) in expected.items():
+        rm, rv, y = _by_hand(m, unbiased, eps)
+        np.testing.assert_allclose(w.steps[0].running[name][0], rm, rtol=1e-14)
+        np.testing.assert_allclose(w.steps[0].running[name][1], rv, rtol=1e-14)
+        np.testing.assert_allclose(w.inference[name][0], y, rtol=1e-12)
+    # only the cumulative convention gives the batch-statistics answer (to 2 decimals)
+    assert np.array_equal(np.round(w.inference["cumulative"][0], 2), np.round(EXACT, 2))
+    assert not np.allclose(w.inference["PyTorch"][0], EXACT, atol=0.05)
+    assert not np.allclose(w.inference["Keras"][0], EXACT, atol=0.05)
+
+
+def test_walkthrough_prints_each_convention(capsys):
+    out = _explain_out(capsys, "--topic", "walkthrough")
+    for name, (m, unbiased, eps) in {"PyTorch": (0.1, True, 1e-5), "Keras": (0.01, False, 1e-3),
+                                      "cumulative": (None, False, 1e-5)}.items():
+        _, _, y = _by_hand(m, unbiased, eps)
+        line = next(ln for ln in out.splitlines() if re.match(rf"\s*{name}\b.*->", ln))
+        assert _explain.fmt2(y) in line, line
+        assert ("= the answer" in line) == (name == "cumulative"), line
+    # PyTorch's rule on the same batch forever: the unbiased variance, never the answer
+    rm, rv, y = _by_hand(0.1, True, 1e-5, steps=500)
+    assert _explain.fmt2(y) in out and _explain.fmt2(y) != _explain.fmt2(EXACT)
+    _, _, y_biased = _by_hand(0.1, False, 1e-5, steps=500)
+    assert _explain.fmt2(y_biased) == "(0.27, 1.41, 0.93, 1.41)"
+    # a mini-batch of one is refused, by the package itself
+    assert "ValueError" in out and "more than one value per channel" in out
+
+
+def test_batch_size_runs_several_steps(capsys):
+    data = "1,2; 3,5; 2,2; 8,1; 4,4"
+    out = _explain_out(capsys, "--batch", data, "--batch-size", "2", "--topic", "walkthrough")
+    rows = _explain.parse_matrix(data)
+    assert "Training step 1" in out and "Training step 2" in out and "step 3" not in out
+    w = _explain.walkthrough([rows[:2], rows[2:4]], rows[4:])
+    mean1, mean2 = rows[:2].mean(0), rows[2:4].mean(0)
+    np.testing.assert_allclose(w.layers["cumulative"].running_mean, (mean1 + mean2) / 2)
+    np.testing.assert_allclose(w.layers["PyTorch"].running_mean, 0.09 * mean1 + 0.1 * mean2)
+    assert "left over" in out
+    cum = next(ln for ln in out.splitlines() if re.match(r"\s*cumulative\b.*->", ln))
+    assert _explain.fmt2(w.inference["cumulative"][0]) in cum
+
+
+def test_options_momentum_eps_gamma_beta(capsys):
+    out = _explain_out(capsys, "--momentum", "0.5", "--eps", "0.001", "--gamma", "2",
+                       "--beta", "0.5", "--topic", "walkthrough")
+    rm, rv, _ = _by_hand(0.5, True, 1e-3)
+    assert (f"momentum=0.5 running_mean = {_explain.fmt(rm)}, "
+            f"running_var = {_explain.fmt(rv)}") in out
+    target = 2 * (EXAMPLE - BATCH.mean(0)) / np.sqrt(BATCH.var(0) + 1e-3) + 0.5
+    assert _explain.fmt2(target) in out
+    assert "eps = 0.001" in out
+
+
+def test_image_batch_per_channel(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    nhwc = rng.normal(2.0, 3.0, size=(6, 4, 4, 3))
+    path = tmp_path / "images.npy"
+    np.save(path, nhwc)
+    out = _explain_out(capsys, "--data", str(path), "--axis", "-1", "--batch-size", "3",
+                       "--topic", "walkthrough")
+    assert "C = 3 channels" in out and "48 values per channel" in out
+    assert _explain.fmt(nhwc[:3].mean(axis=(0, 1, 2))) in out
+    assert _explain.fmt(nhwc[3:].mean(axis=(0, 1, 2))) in out
+    assert "all (3,)" in out
+    out = _explain_out(capsys, "--random", "4,3,2,2", "--batch-size", "2",
+                       "--topic", "walkthrough")
+    assert "C = 3 channels" in out and "8 values per channel" in out
+
+
+def test_csv_data(tmp_path, capsys):
+    path = tmp_path / "batch.csv"
+    np.savetxt(path, BATCH, delimiter=",")
+    out = _explain_out(capsys, "--data", str(path), "--example", "3,5,7,9",
+                       "--topic", "walkthrough")
+    _check(out)
+
+
+def test_bad_arguments_fail_cleanly():
+    for argv in (["--batch-size", "1"], ["--example", "1,2,3"], ["--data", "/no/such.npy"],
+                 ["--axis", "0"], ["--gamma", "1,2"]):
+        with pytest.raises(SystemExit) as info:
+            main(["explain", "--topic", "walkthrough", *argv])
+        assert "explain:" in str(info.value.code), argv
+
+
+def test_topic_layers(capsys):
+    out = _explain_out(capsys, "--topic", "layers")
+    layers = _explain.deeper_layers(BATCH, (5, 3))
+    assert [layer["z_shape"] for layer in layers] == [(3, 5), (3, 3)]
+    for layer in layers:
+        assert layer["stats"].mean.shape == layer["gamma_shape"] == (layer["width"],)
+        np.testing.assert_allclose(layer["y"].mean(axis=0), 0, atol=1e-9)
+    assert "shape (5,)" in out and "shape (3,)" in out
+
+
+def test_topic_params(capsys):
+    out = _explain_out(capsys, "--topic", "params")
+    for c, total, trainable in ((50, 200, 100), (30, 120, 60)):
+        p = _explain.parameter_counts(c)
+        assert (p["total"], p["trainable"]) == (total, trainable)
+        assert f"= {total} numbers: {trainable} trainable" in out
+
+
+def test_topic_bias(capsys):
+    out = _explain_out(capsys, "--topic", "bias")
+    r = _explain.bias_before_bn(BATCH)
+    assert r["max_diff"] < 1e-12
+    assert np.abs(r["grad_bias"]).max() < 1e-12
+    assert np.abs(r["grad_w"]).max() > 1e-3
+    np.testing.assert_allclose(r["mean_shift"], r["bias"], atol=1e-12)
+    assert "max |y(with b) - y(without b)|" in out and "dL/db" in out
