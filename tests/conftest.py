@@ -9,6 +9,7 @@ Helpers are plain functions (import them with ``from conftest import ...``); fix
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -57,6 +58,25 @@ def _restore_global_state():
     if _kernels.active_isa() != isa_before:
         _kernels.set_isa(isa_before)
     bn.set_num_threads(None)
+
+
+# --- subprocesses -------------------------------------------------------------------------
+
+
+def python_cmd() -> list:
+    """The interpreter running the tests, with the flags that change what it imports.
+
+    A child started with plain ``sys.executable`` could pick up another build of batchnorm
+    (e.g. when the suite runs under ``python -S`` with a PYTHONPATH of its own).
+    """
+    flags = []
+    if sys.flags.no_site:
+        flags.append("-S")
+    if sys.flags.no_user_site:
+        flags.append("-s")
+    if sys.flags.isolated:
+        flags.append("-I")
+    return [sys.executable] + flags
 
 
 # --- data ---------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 import textwrap
 
@@ -28,16 +27,21 @@ from conftest import (
     make_layout,
     make_params,
     make_x,
+    python_cmd,
 )
 
 
-def run_python(code, env_extra=None, args=None, timeout=120):
-    """Run `python -c code` (or `python args...`) in a clean subprocess; returns stdout."""
+def run_python(code, env_extra=None, args=None, timeout=300):
+    """Run `python -c code` (or `python args...`) in a clean subprocess; returns stdout.
+
+    Every child imports batchnorm afresh (with an editable install that means a rebuild
+    check), so the suite starts as few of them as it can.
+    """
     env = dict(os.environ)
     for key in ("BATCHNORM_ISA", "OMP_NUM_THREADS"):
         env.pop(key, None)
     env.update(env_extra or {})
-    cmd = [sys.executable] + (args if args is not None else ["-c", code])
+    cmd = python_cmd() + (args if args is not None else ["-c", code])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -90,36 +94,35 @@ def test_isa_paths_agree():
         _kernels.set_isa(original)
 
 
-@pytest.mark.parametrize("name", _kernels.available_isas())
-def test_environment_variable_forces_the_isa(name):
+def test_environment_variable_forces_baseline():
     out = run_python(
-        "import batchnorm as bn; print(bn.config()['isa'])", {"BATCHNORM_ISA": name}
+        "import batchnorm as bn, numpy as np\n"
+        "print(bn._kernels.__file__)\n"
+        "print(bn.config()['isa'])\n"
+        "print(bn.batch_stats(np.arange(12.0).reshape(4, 3)).mean.tolist())",
+        {"BATCHNORM_ISA": "baseline"},
     )
+    module, isa, mean = out.splitlines()[:3]
+    assert os.path.samefile(module, _kernels.__file__)  # the child ran this very build
+    assert isa == "baseline"
+    assert mean == "[4.5, 5.5, 6.5]"
+
+
+@pytest.mark.parametrize("name", [n for n in _kernels.available_isas() if n != "baseline"])
+def test_environment_variable_forces_the_other_isas(name):
+    out = run_python("import batchnorm as bn; print(bn.config()['isa'])", {"BATCHNORM_ISA": name})
     assert out.strip() == name
 
 
-def test_environment_variable_baseline_and_unknown_value():
-    out = run_python(
-        "import batchnorm as bn, numpy as np\n"
-        "x = np.arange(12.0).reshape(4, 3)\n"
-        "print(bn.config()['isa']); print(bn.batch_stats(x).mean.tolist())",
-        {"BATCHNORM_ISA": "baseline"},
-    )
-    assert out.split("\n")[0] == "baseline"
-    assert out.split("\n")[1] == "[4.5, 5.5, 6.5]"
-    # an unknown name is ignored: the best available path runs
-    out = run_python("import batchnorm as bn; print(bn.config()['isa'])", {"BATCHNORM_ISA": "x"})
-    assert out.strip() == _kernels.available_isas()[-1]
-
-
 def test_info_command_runs():
-    out = run_python(None, {"BATCHNORM_ISA": "baseline"}, args=["-m", "batchnorm", "info"])
+    # an unknown BATCHNORM_ISA is ignored: the best available path runs
+    out = run_python(None, {"BATCHNORM_ISA": "no-such-isa"}, args=["-m", "batchnorm", "info"])
     lines = dict(line.split(":", 1) for line in out.strip().splitlines())
     lines = {k.strip(): v.strip() for k, v in lines.items()}
-    assert lines["isa"] == "baseline"
+    assert lines["isa"] == _kernels.available_isas()[-1]
     assert lines["version"] == bn.__version__
     assert lines["available_isas"] == ", ".join(_kernels.available_isas())
-    assert lines["openmp"] in ("True", "False")
+    assert lines["openmp"] == str(bn.config()["openmp"])
     assert int(lines["threads"]) >= 1
 
 
@@ -195,34 +198,33 @@ def test_num_threads_semantics(threads):
         bn.set_num_threads(1.5)
 
 
-def test_default_threads_follow_omp_num_threads():
-    out = run_python(
-        "import batchnorm as bn; print(bn.config()['openmp'], bn.get_num_threads())",
-        {"OMP_NUM_THREADS": "3"},
-    )
-    openmp, n = out.split()
-    assert int(n) == (3 if openmp == "True" else 1)
+def test_omp_num_threads_and_threadpoolctl():
+    """The default thread count is OpenMP's, and threadpoolctl sees and limits the pool.
 
-
-def test_threadpoolctl_sees_the_openmp_pool():
-    """In a process that loads nothing else with OpenMP (torch would), the pool is ours."""
+    In a process that loads nothing else with OpenMP (torch would), the pool is ours.
+    """
     out = run_python(
         textwrap.dedent(
             """
             import batchnorm as bn
             from threadpoolctl import threadpool_info, threadpool_limits
-            bn.set_num_threads(None)
+            print(bn.config()["openmp"], bn.get_num_threads())
             pools = [p for p in threadpool_info() if p["user_api"] == "openmp"]
-            print(bn.config()["openmp"], len(pools))
+            print(len(pools))
             with threadpool_limits(limits=1, user_api="openmp"):
                 print(bn.get_num_threads())
             """
         ),
-        {"OMP_NUM_THREADS": "2"},
+        {"OMP_NUM_THREADS": "3"},
     )
-    openmp, npools, limited = out.split()
-    if openmp == "True":  # a build without OpenMP has no pool to see
-        assert int(npools) >= 1
+    first, npools, limited = out.splitlines()[:3]
+    openmp, default = first.split()
+    assert openmp == str(bn.config()["openmp"])
+    if openmp == "True":
+        assert int(default) == 3  # OMP_NUM_THREADS
+        assert int(npools) >= 1  # a build without OpenMP has no pool to see
+    else:
+        assert int(default) == 1
     # threadpoolctl's limit reaches the kernels' default thread count (always 1 without OpenMP)
     assert int(limited) == 1
 
@@ -332,7 +334,7 @@ def test_cimport_from_other_cython_code(tmp_path):
     pyx.write_text(CIMPORT_SOURCE)
     c_file = tmp_path / "bn_cimport_user.c"
     subprocess.run(
-        [sys.executable, "-m", "cython", "-3", "-I", pxd_root, str(pyx), "-o", str(c_file)],
+        python_cmd() + ["-m", "cython", "-3", "-I", pxd_root, str(pyx), "-o", str(c_file)],
         check=True, capture_output=True, timeout=120,
     )
     so = tmp_path / ("bn_cimport_user" + sysconfig.get_config_var("EXT_SUFFIX"))
