@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+
 import pytest
 
 from batchnorm.__main__ import main
