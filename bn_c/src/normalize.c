@@ -5,18 +5,5 @@
 
 #include "unit.h"
 
-#define BN_KIND BN_KIND_F32
-#include "normalize_impl.h"
-#undef BN_KIND
-
-#define BN_KIND BN_KIND_F64
-#include "normalize_impl.h"
-#undef BN_KIND
-
-#define BN_KIND BN_KIND_F16
-#include "normalize_impl.h"
-#undef BN_KIND
-
-#define BN_KIND BN_KIND_BF16
-#include "normalize_impl.h"
-#undef BN_KIND
+#define BN_TEMPLATE "normalize_impl.h"
+#include "instantiate.h"
