@@ -65,6 +65,7 @@ SMALL_CASES = [
 ]
 
 # Large enough for several 16384-element units per channel and for threads (> 65536 elements).
+# (CHUNK_CASES below go further, past the kernels' cache-sized chunks.)
 LARGE_CASES = [
     ((130, 3, 17, 17), 1),  # NCHW: several outer blocks per channel
     ((2, 3, 129, 129), 1),  # NCHW: inner longer than a unit
@@ -166,6 +167,50 @@ def test_backward_matches_reference(shape, axis, kind, dtype, isa):
         assert_stat_close(dgamma, rdgamma, "frozen dgamma", scale=sg)
         assert_stat_close(dbeta, rdbeta, "frozen dbeta", scale=sb)
     assert_unchanged(inputs, copies)
+
+
+# Larger than the kernels' cache-sized chunks of channels (4 MB of data), so that several
+# chunks run one after the other; in float64 one channel of the last case alone is larger.
+CHUNK_CASES = [
+    ((20, 50, 33, 33), 1, ("C", "negative")),
+    ((16500, 70), 1, ("C",)),
+    ((8, 64, 64, 40), -1, ("C", "negative")),
+    ((2, 3, 600, 600), 1, ("C",)),
+]
+
+
+@pytest.mark.parametrize(
+    "shape, axis, kind, dtype",
+    [pytest.param(sh, ax, kind, dt, id=f"{_case_id((sh, ax))}-{kind}-{np.dtype(dt).name}")
+     for sh, ax, kinds in CHUNK_CASES
+     for kind in kinds
+     for dt in ((np.float32, np.float64) if kind == "C" else (np.float32,))],
+)
+def test_several_chunks_match_reference(shape, axis, kind, dtype, isa):
+    rng = np.random.default_rng([sum(shape), LAYOUTS.index(kind)])
+    x = make_layout(rng, shape, axis, dtype, kind)
+    dy = make_layout(rng, shape, axis, dtype, kind)
+    gamma, beta = make_params(rng, shape[axis])
+    copies = (x.copy(), dy.copy())
+    y, st = bn.forward_train(x, gamma, beta, axis=axis)
+    ry, rst = ref.forward_train(x, gamma, beta, axis=axis)
+    assert_out_close(y, ry, dtype)
+    assert_stat_close(st.mean, rst.mean, "mean")
+    assert_stat_close(st.var, rst.var, "var")
+    ye = bn.forward_eval(x, rst.mean, rst.var + 0.5, gamma, beta, axis=axis)
+    assert_out_close(ye, ref.forward_eval(x, rst.mean, rst.var + 0.5, gamma, beta, axis=axis),
+                     dtype)
+    dx, dg, db = bn.backward(dy, x, st, gamma, axis=axis)
+    rdx, rdg, rdb = ref.backward(dy, x, rst, gamma, axis=axis)
+    sg, sb = param_grad_scales(dy, x, rst.mean, rst.var, axis)
+    assert_grad_close(dx, rdx, dtype)
+    assert_stat_close(dg, rdg, "dgamma", scale=sg)
+    assert_stat_close(db, rdb, "dbeta", scale=sb)
+    fx, fg, fb = bn.backward(dy, x, st, gamma, axis=axis, training=False)
+    rfx, rfg, rfb = ref.backward(dy, x, rst, gamma, axis=axis, training=False)
+    assert_grad_close(fx, rfx, dtype, what="frozen dx")
+    assert_stat_close(fg, rfg, "frozen dgamma", scale=sg)
+    assert_unchanged((x, dy), copies)
 
 
 def test_list_and_non_native_inputs():

@@ -142,6 +142,8 @@ THREAD_CASES = [
     ((16, 24, 24, 12), -1),  # NHWC
     ((20000, 7), 1),  # (N, D)
     ((300, 600), 1),  # (N, D) with two channel blocks
+    ((20, 50, 33, 33), 1),  # NCHW over several cache-sized chunks of channels
+    ((16500, 70), 1),  # (N, D) over several chunks
 ]
 
 
