@@ -247,7 +247,8 @@ def make_values(rng, shape, ax, dt, style) -> np.ndarray:
 
 
 def as_kind(v: Optional[np.ndarray], kind: str) -> Any:
-    """A float64 vector passed as float64 / float32 / integer array or list (or None)."""
+    """A float64 vector passed as float64 (contiguous, strided or unaligned) / float32 /
+    integer array or list (or None)."""
     if v is None or kind == "none":
         return None
     if kind == "f32":
@@ -256,6 +257,13 @@ def as_kind(v: Optional[np.ndarray], kind: str) -> Any:
         return np.rint(v).astype(np.int64)
     if kind == "list":
         return [float(a) for a in v]
+    if kind == "strided":  # every other element of a longer array
+        return np.repeat(v, 2)[::2]
+    if kind == "unaligned" and UNALIGNED:  # float64 data at an odd address
+        buf = np.zeros(v.size * 8 + 1, np.uint8)
+        u = np.ndarray(v.shape, np.float64, buffer=buf, offset=1)
+        u[...] = v
+        return u
     return v.copy()
 
 
@@ -263,7 +271,7 @@ def as_f64(v) -> Optional[np.ndarray]:
     return None if v is None else np.asarray(v, np.float64)
 
 
-VEC_KINDS = ["none", "f64", "f64", "f32", "int", "list"]
+VEC_KINDS = ["none", "f64", "f64", "f32", "int", "list", "strided", "unaligned"]
 
 
 # --- tolerance bounds ----------------------------------------------------------------------
