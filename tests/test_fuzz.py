@@ -431,6 +431,13 @@ def quiet_reference(fn, *args, **kw):
         return fn(*args, **kw)
 
 
+def constant_channels(x, ax) -> np.ndarray:
+    """Channels whose values are all equal (and finite)."""
+    red = _red(x.ndim, ax)
+    with np.errstate(invalid="ignore"):
+        return (x.max(axis=red) == x.min(axis=red)) & np.isfinite(x).all(axis=red)
+
+
 def exact_stats(x, ax):
     """Per-channel mean and biased variance with correctly rounded sums (math.fsum).
 
@@ -741,6 +748,9 @@ def run_case(fn: str, case: Case) -> None:
             check_close(s.mean, rst.mean, bm, "mean")
             check_close(s.var, rst.var, bv, "var")
             assert not (s.var < 0).any(), "negative variance"
+            if n:  # docs/numerics.rst: a constant channel has variance exactly 0
+                const = constant_channels(xr, ax)
+                assert (s.var[const] == 0).all(), "a constant channel has a non-zero variance"
         return
 
     if fn == "forward_train":
@@ -754,15 +764,14 @@ def run_case(fn: str, case: Case) -> None:
         check_close(s.mean, rst.mean, bm, "mean")
         check_close(s.var, rst.var, bv, "var")
         ry = quiet_reference(ref.forward_eval, xr, rst.mean, rst.var, g, b, axis=ax, eps=eps_f)
-        # A constant channel gives beta exactly (conventions.md). Where gamma / sqrt(var + eps)
-        # does not fit the compute type (eps = 0 and a variance computed as exactly 0, or
-        # eps ~ 1e-300) the kernels give NaN there instead: reported, see
+        # A constant channel has variance exactly 0 and gives beta exactly (conventions.md,
+        # docs/numerics.rst). Where gamma / sqrt(var + eps) does not fit the compute type
+        # (eps = 0, or eps ~ 1e-300) the kernels give NaN there instead: reported, see
         # test_zero_variance_eps0; accepted here (beta or NaN, nothing else).
         cs = _cshape(len(shape), ax)
-        red = _red(len(shape), ax)
         overflow = coefficient_overflow(c, ax, len(shape), dt, g, s.var, eps_f)
-        with np.errstate(invalid="ignore"):
-            const = (xr.max(axis=red) == xr.min(axis=red)) & np.isfinite(xr).all(axis=red)
+        const = constant_channels(xr, ax)
+        assert (s.var[const] == 0).all(), "a constant channel has a non-zero variance"
         if const.any():
             m = np.broadcast_to(const.reshape(cs), shape)
             beta_t = np.broadcast_to(_vec(b, c, 0.0).astype(dt).reshape(cs), shape)
