@@ -122,3 +122,26 @@ def test_fast_path_never_writes_before_declining():
     with pytest.raises(ValueError, match="more than one value per channel"):
         bn.forward_train(x, out=out)
     assert (out == 5.0).all()
+
+
+def _unaligned(shape, dtype):
+    dt = np.dtype(dtype)
+    buf = np.zeros(int(np.prod(shape)) * dt.itemsize + 1, np.uint8)
+    a = np.ndarray(shape, dt, buffer=buf, offset=1)
+    assert not a.flags.aligned
+    return a
+
+
+def test_unaligned_arrays_are_copied_not_read_in_place():
+    """Unaligned data would be undefined behaviour in C: both paths copy it (or stage out=)."""
+    x = _unaligned((6, 3), np.float32)
+    x[...] = rng.normal(size=(6, 3))
+    assert _kernels.fast_forward_train(x, None, None, 1, 1e-5, None) is None
+    g = _unaligned((3,), np.float64)
+    g[...] = [1.0, 2.0, 3.0]
+    out = _unaligned((6, 3), np.float32)
+    y, st = bn.forward_train(x, g, out=out)
+    expected, _ = bn.forward_train(np.ascontiguousarray(x), g.copy())
+    assert y is out and np.array_equal(out, expected)
+    dx, dg, db = bn.backward(x, x, st, g, out=_unaligned((6, 3), np.float32))
+    assert np.array_equal(dx, bn.backward(x.copy(), x.copy(), st, g.copy())[0])

@@ -125,8 +125,8 @@ def _vector(v: Any, channels: int, name: str) -> Optional[np.ndarray]:
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if arr.shape != (channels,):
         raise ValueError(f"{name} must have shape (C,) = ({channels},), got {arr.shape}")
-    if arr.dtype != np.float64 or not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr, dtype=np.float64)
+    if arr.dtype != np.float64 or not (arr.flags.c_contiguous and arr.flags.aligned):
+        arr = np.require(arr, np.float64, ["C", "A"])
     return arr
 
 
@@ -188,9 +188,9 @@ def _view3(a: np.ndarray, axis: int) -> Optional[np.ndarray]:
 def _input_view(a: np.ndarray, axis: int) -> np.ndarray:
     """The (outer, C, inner) view the kernels read; a layout with no such view is copied once.
     16-bit floats are passed as their bit patterns."""
-    v = _view3(a, axis)
+    v = _view3(a, axis) if a.flags.aligned else None
     if v is None:
-        v = _view3(np.ascontiguousarray(a), axis)
+        v = _view3(np.require(a, a.dtype, ["C", "A"]), axis)
     return _kernel_array(v)
 
 
@@ -232,7 +232,7 @@ def _output(out: Any, like: np.ndarray, axis: int, inputs: tuple, name: str = "o
         raise TypeError(f"{name} must have dtype {like.dtype}, got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    v = _view3(out, axis)
+    v = _view3(out, axis) if out.flags.aligned else None
     overlaps = any(
         np.may_share_memory(out, a) and not _same_memory(out, a) for a in inputs if a is not None
     )

@@ -438,8 +438,8 @@ cdef bint view3_of(Py_buffer *b, int axis, View3 *v) noexcept:
         return False
     if not merge_dims(b, 0, axis, &outer, &so) or not merge_dims(b, axis + 1, b.ndim, &inner, &si):
         return False
-    if so % isz or si % isz or b.strides[axis] % isz:
-        return False
+    if so % isz or si % isz or b.strides[axis] % isz or (<size_t>b.buf) % isz:
+        return False    # unaligned data: the general path copies it
     v.is_f64 = f[0] == b'd'
     v.ptr = <char *>b.buf
     v.s.outer, v.s.channels, v.s.inner = outer, b.shape[axis], inner
@@ -487,7 +487,7 @@ cdef class _Buffers:
             return True
         b = self.get(obj, PyBUF_RECORDS_RO)
         if b == NULL or b.ndim != 1 or b.shape[0] != C or b.format[0] != b'd' \
-                or b.format[1] != 0 or (C > 1 and b.strides[0] != 8):
+                or b.format[1] != 0 or (C > 1 and b.strides[0] != 8) or (<size_t>b.buf) % 8:
             return False
         out[0] = <const double *>b.buf
         return True
