@@ -219,10 +219,12 @@ class BatchNorm:
                 f"but the layer has num_features={self.num_features}"
             )
         in_place = out is not None and np.may_share_memory(out, x)
+        # float64 parameter vectors, as the kernels (and their fast path) take them
         gamma = None if self._gamma is None else self._gamma.astype(np.float64)
+        beta = None if self._beta is None else self._beta.astype(np.float64)
         if self.training or not self.track_running_stats:
             y, st = _api.forward_train(
-                x, gamma, self._beta, axis=ax, eps=self.eps, out=out,
+                x, gamma, beta, axis=ax, eps=self.eps, out=out,
                 check_finite=self.check_finite,
             )
             if self.training and self.track_running_stats:
@@ -235,7 +237,7 @@ class BatchNorm:
                 _api._count(x, ax),
             )
             y = _api.forward_eval(
-                x, st.mean, st.var, gamma, self._beta, axis=ax, eps=self.eps, out=out,
+                x, st.mean, st.var, gamma, beta, axis=ax, eps=self.eps, out=out,
                 check_finite=self.check_finite,
             )
             training = False
