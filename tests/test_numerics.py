@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
+from batchnorm import _api
 from batchnorm import reference as ref
 
 LAYOUTS = [((64, 32, 12, 12), 1), ((64, 12, 12, 32), -1), ((2048, 48), 1), ((8, 3, 5, 5), 1)]
@@ -125,3 +126,152 @@ def test_layer_never_lets_non_finite_statistics_in():
     with pytest.raises(ValueError, match="channel"):
         strict(x)
     assert strict.num_batches_tracked == 0
+
+
+# --- coefficients beyond the compute type's range: the exact path --------------------------
+# gamma / sqrt(var + eps) is infinite when var + eps == 0 (eps = 0 and a constant channel) and
+# beyond float32 when var + eps < ~1e-77; the training-backward coefficients grow like
+# (var + eps)**-1.5. Such channels are computed element by element in float64, with x == mean
+# giving beta exactly (conventions.md).
+
+STORAGE_DTYPES = [np.dtype(d) for d in _api.supported_dtypes()]
+# (shape, axis) pairs covering the planar (inner > 1) and interleaved (inner == 1) kernels,
+# with SIMD tails and a mix of ordinary and wide channels side by side
+EDGE_LAYOUTS = [((6, 21, 5, 3), 1), ((6, 5, 3, 21), -1), ((33, 21), 1)]
+
+
+def _mixed_channels(shape, axis, dtype):
+    """Every third channel constant (0.1, not exactly representable in binary), the others
+    N(0, 1); returned as float64 values exactly representable in dtype."""
+    c = shape[axis]
+    cs = _channel_shape(shape, axis)
+    x = np.random.default_rng(20).normal(size=shape)
+    const = (np.arange(c) % 3 == 0).reshape(cs)
+    x = np.where(const, 0.1, x)
+    return np.asarray(x.astype(dtype), np.float64), const.reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES, ids=str)
+@pytest.mark.parametrize("shape, axis", EDGE_LAYOUTS)
+def test_zero_variance_with_eps_zero_gives_beta(isa, threads, dtype, shape, axis):
+    """eps = 0 is allowed; a constant channel then has var + eps == 0 and still gives beta
+    exactly, while its neighbours are normalized as usual; any thread count, same bits."""
+    xv, const = _mixed_channels(shape, axis, dtype)
+    x = xv.astype(dtype)
+    c = shape[axis]
+    gamma = np.linspace(0.5, 2.0, c)
+    beta = np.linspace(-1.0, 1.0, c)
+    outs = []
+    for nthreads in (1, 2, 3):
+        bn.set_num_threads(nthreads)
+        y, st = bn.forward_train(x, gamma, beta, axis=axis, eps=0.0)
+        outs.append(y)
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+    assert (st.var[const] == 0).all()
+    cs = _channel_shape(shape, axis)
+    yf = np.asarray(y, np.float64)
+    want_beta = np.broadcast_to(beta.astype(dtype).astype(np.float64).reshape(cs), shape)
+    in_const = np.broadcast_to(const.reshape(cs), shape)
+    assert np.array_equal(yf[in_const], want_beta[in_const])
+    # the reference on our statistics (NumPy's own mean of 0.1s is not exactly 0.1, and
+    # then its variance is not 0)
+    np.testing.assert_allclose(st.mean, ref.batch_stats(xv, axis=axis).mean, atol=1e-14)
+    y_ref = ref.forward_eval(xv, st.mean, st.var, gamma, beta, axis=axis, eps=0.0)
+    tol = 1e-5 if dtype.itemsize >= 4 else 2e-2
+    assert np.isfinite(yf).all() and np.abs(yf - y_ref).max() < tol
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES, ids=str)
+@pytest.mark.parametrize("shape, axis", EDGE_LAYOUTS)
+def test_scale_beyond_compute_range_forward_eval(isa, dtype, shape, axis):
+    """var + eps = 1e-300: x == mean gives beta, x != mean gives an inf of the right sign
+    in the storage type (the true value is beyond its range)."""
+    c = shape[axis]
+    cs = _channel_shape(shape, axis)
+    x = np.random.default_rng(21).integers(-1, 2, size=shape).astype(dtype)
+    beta = np.full(c, 0.25)
+    y = np.asarray(bn.forward_eval(x, np.zeros(c), np.full(c, 1e-300), None, beta, axis=axis,
+                                   eps=0.0), np.float64)
+    xf = np.asarray(x, np.float64)
+    assert (y[xf == 0] == 0.25).all()
+    if dtype == np.float64:  # 1e150 fits
+        np.testing.assert_allclose(y, xf * 1e150 + 0.25, rtol=1e-15)
+    else:
+        assert np.array_equal(y[xf != 0], np.copysign(np.inf, xf[xf != 0]))
+    del cs
+
+
+@pytest.mark.parametrize("shape, axis", EDGE_LAYOUTS)
+def test_finite_results_behind_an_overflowing_float32_scale(isa, threads, shape, axis):
+    """The float32 scale overflows but y does not: x ~ 1e-39 (subnormal) times
+    1 / sqrt(1e-80) = 1e40 is about 1; likewise a given mean beyond float32's range."""
+    c = shape[axis]
+    rng = np.random.default_rng(22)
+    x = (rng.normal(size=shape) * 1e-39).astype(np.float32)
+    for nthreads in (1, 2):
+        bn.set_num_threads(nthreads)
+        y = bn.forward_eval(x, np.zeros(c), np.full(c, 1e-80), axis=axis, eps=0.0)
+        np.testing.assert_allclose(y, ref.forward_eval(x, np.zeros(c), np.full(c, 1e-80),
+                                                       axis=axis, eps=0.0), rtol=1e-6)
+        dx, _, _ = bn.backward(x, x, (np.zeros(c), np.full(c, 1e-80)), axis=axis, eps=0.0,
+                               training=False)
+        np.testing.assert_allclose(dx, ref.backward(x, x, (np.zeros(c), np.full(c, 1e-80)),
+                                                    axis=axis, eps=0.0, training=False)[0],
+                                   rtol=1e-6)
+    z = np.zeros(shape, np.float32)
+    y = bn.forward_eval(z, np.full(c, 1e39), np.full(c, 1e78), axis=axis)
+    np.testing.assert_allclose(y, -1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=str)
+@pytest.mark.parametrize("shape, axis", EDGE_LAYOUTS)
+def test_training_backward_with_tiny_variance(isa, threads, dtype, shape, axis):
+    """The training-backward coefficient gamma * (var + eps)**-1.5 * sum(dy * (x - mean)) / n
+    overflows while dx itself is moderate: data of spread 1e-20 with eps = 0 (float32), and
+    constant channels with eps = 1e-300 (float64: dx = 1e150 * (dy - mean(dy)))."""
+    rng = np.random.default_rng(23)
+    c = shape[axis]
+    cs = _channel_shape(shape, axis)
+    dy = rng.normal(size=shape).astype(dtype)
+    if dtype == np.float32:
+        x = (rng.normal(size=shape) * 1e-20).astype(dtype)
+        eps = 0.0
+    else:
+        x, _ = _mixed_channels(shape, axis, dtype)
+        eps = 1e-300
+    gamma = np.linspace(0.5, 2.0, c)
+    results = []
+    for nthreads in (1, 2, 3):
+        bn.set_num_threads(nthreads)
+        st = bn.batch_stats(x, axis=axis)
+        results.append(bn.backward(dy, x, st, gamma, axis=axis, eps=eps))
+    for r in results[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(results[0], r))
+    dx, dgamma, dbeta = results[0]
+    if dtype == np.float64:  # constant channels: our variance is exactly 0, NumPy's is not
+        assert (st.var[np.arange(c) % 3 == 0] == 0).all()
+    dx_ref, dg_ref, db_ref = ref.backward(dy, x, st, gamma, axis=axis, eps=eps)
+    assert np.isfinite(dx).all()
+    scale = np.abs(dx_ref).max(axis=tuple(i for i in range(x.ndim) if i != axis % x.ndim))
+    tol = (1e-5 if dtype == np.float32 else 1e-12) * scale.reshape(cs)
+    assert (np.abs(dx - dx_ref) <= tol).all()
+    np.testing.assert_allclose(dbeta, db_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dgamma, dg_ref, rtol=1e-6, atol=1e-6 * np.abs(dg_ref).max())
+
+
+def test_layer_with_eps_zero_and_a_constant_channel():
+    """The layer follows the functions: a constant channel gives beta. With eps = 0 it is not
+    differentiable there (any change of x moves xhat by O(1)): its dx is infinite (NaN where
+    dy equals its mean), as the formula gives, and the other channels are untouched."""
+    layer = bn.BatchNorm(3, eps=0.0)
+    layer.beta[:] = [0.5, -0.5, 2.0]
+    x = np.random.default_rng(24).normal(size=(8, 3)).astype(np.float32)
+    x[:, 1] = 0.1
+    y = layer(x)
+    assert (y[:, 1] == np.float32(-0.5)).all() and np.isfinite(y).all()
+    assert layer.running_var[1] == pytest.approx(0.9)  # (1 - 0.1) * 1 + 0.1 * 0
+    dy = np.random.default_rng(25).normal(size=x.shape).astype(np.float32)
+    dx = layer.backward(dy)
+    assert np.isinf(dx[:, 1]).all()  # 0 * inf would be NaN; dy - mean(dy) != 0 here
+    assert np.isfinite(np.delete(dx, 1, axis=1)).all()
+    assert layer.grad_gamma[1] == 0.0 and np.isfinite(layer.grad_gamma).all()

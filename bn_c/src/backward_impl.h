@@ -12,7 +12,7 @@ static void FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t C, double
     for (k = c0; k < c0 + cc; ++k) {
         double inv = 1.0 / sqrt(var[k] + eps), a = (gamma ? gamma[k] : 1.0) * inv;
         if (dbeta) dbeta[k] = sdy[k - c0];
-        if (dgamma) dgamma[k] = sdyx[k - c0] * inv;
+        if (dgamma) dgamma[k] = bn_dgamma(sdyx[k - c0], inv);
         coef[k] = (BN_CT)mean[k];
         coef[C + k] = (BN_CT)a;
         if (training) {
@@ -36,9 +36,13 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
     int need_sums = training || dgamma || dbeta;
     double n = (double)(s.outer * s.inner);
     double *psdy = sums, *psdyx = sums + cc * parts, *sdy = psdyx + cc * parts, *sdyx = sdy + cc;
-    const BN_CT *b = training ? coef + 2 * C : NULL;
+    const BN_CT *b = training ? coef + 2 * C : NULL, *c = training ? coef + 3 * C : NULL;
+    bn_exact ex;
+    ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = NULL, ex.eps = eps, ex.n = n;
+    ex.sdy = training ? sdy : NULL, ex.sdyx = sdyx;
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
+        ex.c_begin = c0;
         if (need_sums) {
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
@@ -59,8 +63,8 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
 #pragma omp for schedule(dynamic)
 #endif
             for (u = 0; u < t.units; ++u)
-                FN(bwd_dx_unit)(&t, s, dy, dys, x, xs, dx, dxs, u, coef, coef + C, b,
-                                coef + 3 * C);
+                FN(bwd_dx_unit)(&t, s, dy, dys, x, xs, dx, dxs, u, coef, coef + C, b, c,
+                                &ex);
         }
     }
 }

@@ -63,4 +63,28 @@ int bn_threads_for(ptrdiff_t elems, ptrdiff_t units);
 
 int bn_shape_ok(bn_shape s);
 
+/* The slow, exact path for "wide" channels: those whose coefficients do not fit the compute
+ * type (gamma / sqrt(var + eps) beyond its range, eps = 0 with zero variance, a given mean
+ * beyond the storage type's range). Elements of such channels are computed one by one in
+ * double from the original parameters, products scaled so that no intermediate overflows
+ * spuriously, and x == mean gives beta (conventions.md: zero variance gives beta exactly).
+ * Built once, without ISA flags, so every kernel set gives the same bits here. */
+typedef struct bn_exact {
+    const double *mean, *var, *gamma, *beta; /* per channel; gamma, beta may be NULL */
+    double eps;
+    /* training backward only: the sums of dy and dy * (x - mean) of the current chunk,
+     * indexed from channel c_begin, and the count n per channel */
+    const double *sdy, *sdyx;
+    ptrdiff_t c_begin;
+    double n;
+} bn_exact;
+
+/* y = beta + gamma * (x - mean) / sqrt(var + eps) for one element of channel c. */
+double bn_exact_y(const bn_exact *e, ptrdiff_t c, double x);
+/* dx of one element of channel c: training (e->sdy != NULL) or frozen statistics. */
+double bn_exact_dx(const bn_exact *e, ptrdiff_t c, double dy, double x);
+/* dgamma = sum(dy * (x - mean)) / sqrt(var + eps), which is 0, not NaN, when the sum is 0
+ * (a constant channel with eps = 0: every normalized value is 0). */
+double bn_dgamma(double sdyx, double inv);
+
 #endif

@@ -7,6 +7,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
                                       const double *gamma, const double *beta, double eps)
 {
     BN_CT *coef;
+    bn_exact ex;
     bn_tiling t;
     ptrdiff_t u, C = s.channels;
     int nt;
@@ -16,6 +17,8 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)C);
     if (!coef) return BN_ERR_NOMEM;
     FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, coef, coef + C, coef + 2 * C);
+    ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = beta, ex.eps = eps;
+    ex.sdy = ex.sdyx = NULL, ex.c_begin = 0, ex.n = 0.0;
     t = bn_make_tiling(s, 0, C);
     nt = bn_threads_for(s.outer * C * s.inner, t.units);
     if (nt > 1) {
@@ -23,10 +26,10 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
 #pragma omp parallel for schedule(dynamic) num_threads(nt)
 #endif
         for (u = 0; u < t.units; ++u)
-            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C);
+            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C, &ex);
     } else {
         for (u = 0; u < t.units; ++u)
-            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C);
+            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C, &ex);
     }
     free(coef);
     return BN_OK;
@@ -41,6 +44,9 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
                              BN_CT *coef)
 {
     ptrdiff_t c0, u, C = s.channels;
+    bn_exact ex;
+    ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = beta, ex.eps = eps;
+    ex.sdy = ex.sdyx = NULL, ex.c_begin = 0, ex.n = 0.0;
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
 #ifdef _OPENMP
@@ -60,7 +66,7 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
 #pragma omp for schedule(dynamic)
 #endif
         for (u = 0; u < t.units; ++u)
-            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C);
+            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C, &ex);
     }
 }
 

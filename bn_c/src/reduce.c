@@ -136,3 +136,37 @@ void bn_merge_sums(const bn_tiling *t, const double *part, double *total)
         total[c] = acc;
     }
 }
+
+/* p * q * r with the exponents added apart, so that an intermediate product cannot overflow
+ * or underflow when the result is representable. */
+static double bn_mul3(double p, double q, double r)
+{
+    int ep, eq, er;
+    if (!(isfinite(p) && isfinite(q) && isfinite(r)) || p == 0.0 || q == 0.0 || r == 0.0)
+        return p * q * r;
+    p = frexp(p, &ep), q = frexp(q, &eq), r = frexp(r, &er);
+    return ldexp(p * q * r, ep + eq + er);
+}
+
+double bn_exact_y(const bn_exact *e, ptrdiff_t c, double x)
+{
+    double d = x - e->mean[c], inv = 1.0 / sqrt(e->var[c] + e->eps);
+    double g = e->gamma ? e->gamma[c] : 1.0, b = e->beta ? e->beta[c] : 0.0;
+    /* x == mean normalizes to 0 whatever inv is (inf when var + eps == 0) */
+    return b + (d == 0.0 ? g * 0.0 : bn_mul3(g, d, inv));
+}
+
+double bn_dgamma(double sdyx, double inv) { return sdyx == 0.0 ? 0.0 : sdyx * inv; }
+
+double bn_exact_dx(const bn_exact *e, ptrdiff_t c, double dy, double x)
+{
+    double inv = 1.0 / sqrt(e->var[c] + e->eps), g = e->gamma ? e->gamma[c] : 1.0;
+    double d, xhat, t;
+    if (!e->sdy) return bn_mul3(g, inv, dy);
+    /* gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)) */
+    d = x - e->mean[c];
+    xhat = d == 0.0 ? 0.0 : d * inv;
+    t = e->sdy[c - e->c_begin] / e->n;
+    t = dy - t - xhat * (bn_dgamma(e->sdyx[c - e->c_begin], inv) / e->n);
+    return bn_mul3(g, inv, t);
+}

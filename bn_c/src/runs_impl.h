@@ -193,6 +193,25 @@ static inline void FN(run_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrdi
     }
 }
 
+/* The exact path of a wide channel c (see bn_exact in internal.h), element by element. */
+static void FN(run_exact_y)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst, ptrdiff_t n,
+                            const bn_exact *e, ptrdiff_t c)
+{
+    ptrdiff_t i;
+    for (i = 0; i < n; ++i)
+        BN_ST(y + i * yst, (BN_CT)bn_exact_y(e, c, (double)BN_LD(x + i * xst)));
+}
+
+static void FN(run_exact_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrdiff_t xst,
+                             BN_T *dx, ptrdiff_t dxst, ptrdiff_t n, const bn_exact *e,
+                             ptrdiff_t c)
+{
+    ptrdiff_t i;
+    for (i = 0; i < n; ++i)
+        BN_ST(dx + i * dxst, (BN_CT)bn_exact_dx(e, c, (double)BN_LD(dy + i * dyst),
+                                                (double)BN_LD(x + i * xst)));
+}
+
 /* y[j] = (x[j] - m[j]) * a[j] + b[j] */
 static inline void FN(cols_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
                                    ptrdiff_t cn, const BN_CT *m, const BN_CT *a, const BN_CT *b)

@@ -67,22 +67,58 @@ static inline void FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const dou
     }
 }
 
-/* y = (x - m) * a + b over a unit. Traffic: read x, write y. */
+/* A channel whose coefficients do not fit the compute type takes the exact path. */
+static inline int FN(wide)(const BN_CT *m, const BN_CT *a, const BN_CT *b, const BN_CT *c,
+                           ptrdiff_t k)
+{
+    return !isfinite(m[k]) || !isfinite(a[k]) || (b && !isfinite(b[k])) || (c && !isfinite(c[k]));
+}
+
+/* End of the run of channels [j, cn) of one kind (wide or not) that starts at j. */
+static inline ptrdiff_t FN(same_kind_end)(const BN_CT *m, const BN_CT *a, const BN_CT *b,
+                                          const BN_CT *c, ptrdiff_t k0, ptrdiff_t j, ptrdiff_t cn)
+{
+    int w = FN(wide)(m, a, b, c, k0 + j);
+    while (++j < cn && FN(wide)(m, a, b, c, k0 + j) == w) {}
+    return j;
+}
+
+/* y = (x - m) * a + b over a unit (wide channels: bn_exact_y). Traffic: read x, write y. */
 static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
                                    BN_T *y, bn_strides ys, ptrdiff_t u, const BN_CT *m,
-                                   const BN_CT *a, const BN_CT *b)
+                                   const BN_CT *a, const BN_CT *b, const bn_exact *e)
 {
     bn_unit w = bn_unit_at(t, s, u);
-    ptrdiff_t o, c;
+    ptrdiff_t o, c, j, end;
     if (t->planar) {
-        for (c = w.c0; c < w.c0 + w.cn; ++c)
-            for (o = w.o0; o < w.o0 + w.rows; ++o)
-                FN(run_affine)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
-                               ys.inner, w.len, m[c], a[c], b[c]);
-    } else {
-        for (c = w.c0, o = w.o0; o < w.o0 + w.rows; ++o)
-            FN(cols_affine)(BN_AT(x, xs, o, c, 0), xs.channel, BN_AT(y, ys, o, c, 0), ys.channel,
-                            w.cn, m + c, a + c, b + c);
+        for (c = w.c0; c < w.c0 + w.cn; ++c) {
+            int wide = FN(wide)(m, a, b, NULL, c);
+            for (o = w.o0; o < w.o0 + w.rows; ++o) {
+                if (wide)
+                    FN(run_exact_y)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
+                                    ys.inner, w.len, e, c);
+                else
+                    FN(run_affine)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
+                                   ys.inner, w.len, m[c], a[c], b[c]);
+            }
+        }
+        return;
+    }
+    /* interleaved: rows of w.cn channels, cut into runs of wide and ordinary channels (one
+     * run, the whole row, unless some channel is wide) */
+    for (j = 0; j < w.cn; j = end) {
+        int wide = FN(wide)(m, a, b, NULL, w.c0 + j);
+        end = FN(same_kind_end)(m, a, b, NULL, w.c0, j, w.cn);
+        for (c = w.c0 + j, o = w.o0; o < w.o0 + w.rows; ++o) {
+            const BN_T *v = BN_AT(x, xs, o, c, 0);
+            BN_T *r = BN_AT(y, ys, o, c, 0);
+            ptrdiff_t q;
+            if (wide)
+                for (q = 0; q < end - j; ++q)
+                    FN(run_exact_y)(v + q * xs.channel, 0, r + q * ys.channel, 0, 1, e, c + q);
+            else
+                FN(cols_affine)(v, xs.channel, r, ys.channel, end - j, m + c, a + c, b + c);
+        }
     }
 }
 
@@ -117,35 +153,48 @@ static inline void FN(bwd_sums_unit)(const bn_tiling *t, bn_shape s, const BN_T 
     }
 }
 
-/* dx over a unit: a*dy + (b*(x-m) + c) (training) or a*dy (frozen: b == NULL).
- * Traffic: read dy (and x), write dx. */
+/* dx over a unit: a*dy + (b*(x-m) + c) (training) or a*dy (frozen: b == NULL); wide
+ * channels: bn_exact_dx. Traffic: read dy (and x), write dx. */
 static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *dy,
                                    bn_strides dys, const BN_T *x, bn_strides xs, BN_T *dx,
                                    bn_strides dxs, ptrdiff_t u, const BN_CT *m, const BN_CT *a,
-                                   const BN_CT *b, const BN_CT *c)
+                                   const BN_CT *b, const BN_CT *c, const bn_exact *e)
 {
     bn_unit w = bn_unit_at(t, s, u);
-    ptrdiff_t o, k;
+    ptrdiff_t o, k, j, end;
     if (t->planar) {
-        for (k = w.c0; k < w.c0 + w.cn; ++k)
+        for (k = w.c0; k < w.c0 + w.cn; ++k) {
+            int wide = FN(wide)(m, a, b, c, k);
             for (o = w.o0; o < w.o0 + w.rows; ++o) {
-                const BN_T *g = BN_AT(dy, dys, o, k, w.i0);
+                const BN_T *g = BN_AT(dy, dys, o, k, w.i0), *v = BN_AT(x, xs, o, k, w.i0);
                 BN_T *d = BN_AT(dx, dxs, o, k, w.i0);
-                if (b)
-                    FN(run_bwd_dx)(g, dys.inner, BN_AT(x, xs, o, k, w.i0), xs.inner, d,
-                                   dxs.inner, w.len, m[k], a[k], b[k], c[k]);
+                if (wide)
+                    FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, e, k);
+                else if (b)
+                    FN(run_bwd_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, m[k], a[k],
+                                   b[k], c[k]);
                 else
                     FN(run_scale)(g, dys.inner, d, dxs.inner, w.len, a[k]);
             }
-    } else {
-        for (k = w.c0, o = w.o0; o < w.o0 + w.rows; ++o) {
-            const BN_T *g = BN_AT(dy, dys, o, k, 0);
+        }
+        return;
+    }
+    for (j = 0; j < w.cn; j = end) {
+        int wide = FN(wide)(m, a, b, c, w.c0 + j);
+        end = FN(same_kind_end)(m, a, b, c, w.c0, j, w.cn);
+        for (k = w.c0 + j, o = w.o0; o < w.o0 + w.rows; ++o) {
+            const BN_T *g = BN_AT(dy, dys, o, k, 0), *v = BN_AT(x, xs, o, k, 0);
             BN_T *d = BN_AT(dx, dxs, o, k, 0);
-            if (b)
-                FN(cols_bwd_dx)(g, dys.channel, BN_AT(x, xs, o, k, 0), xs.channel, d,
-                                dxs.channel, w.cn, m + k, a + k, b + k, c + k);
+            ptrdiff_t q;
+            if (wide)
+                for (q = 0; q < end - j; ++q)
+                    FN(run_exact_dx)(g + q * dys.channel, 0, v + q * xs.channel, 0,
+                                     d + q * dxs.channel, 0, 1, e, k + q);
+            else if (b)
+                FN(cols_bwd_dx)(g, dys.channel, v, xs.channel, d, dxs.channel, end - j, m + k,
+                                a + k, b + k, c + k);
             else
-                FN(cols_scale)(g, dys.channel, d, dxs.channel, w.cn, a + k);
+                FN(cols_scale)(g, dys.channel, d, dxs.channel, end - j, a + k);
         }
     }
 }

@@ -124,6 +124,30 @@ static void test_constant_channel(void)
     for (e = 0; e < 64; ++e) CHECK(y[e] == 0.25, "y[%d] = %.17g", e, y[e]);
 }
 
+/* eps = 0: var + eps == 0 and gamma / sqrt(var + eps) is infinite; a constant channel still
+ * gives beta (the exact path), next to an ordinary channel (both layouts). */
+static void test_zero_variance_eps0(void)
+{
+    float x[2 * 40], y[2 * 40];
+    double mean[2], var[2], beta[2] = {0.25, -0.5};
+    bn_shape planar = {1, 2, 40}, rows = {40, 2, 1};
+    bn_strides sp = {80, 40, 1}, sr = {2, 1, 1};
+    int e;
+    for (e = 0; e < 40; ++e) x[e] = 0.1f, x[40 + e] = (float)e;
+    bn_forward_train_f32(planar, x, sp, y, sp, NULL, beta, 0.0, mean, var);
+    CHECK(var[0] == 0.0, "planar var of a constant = %g", var[0]);
+    for (e = 0; e < 40; ++e) {
+        CHECK(y[e] == 0.25f, "planar y[%d] = %.9g", e, y[e]);
+        CHECK(close_to(y[40 + e], (e - 19.5) / sqrt(var[1]) - 0.5, 1e-6), "planar y[%d]", 40 + e);
+    }
+    for (e = 0; e < 40; ++e) x[2 * e] = 0.1f, x[2 * e + 1] = (float)e;
+    bn_forward_train_f32(rows, x, sr, y, sr, NULL, beta, 0.0, mean, var);
+    for (e = 0; e < 40; ++e) {
+        CHECK(y[2 * e] == 0.25f, "interleaved y[%d] = %.9g", 2 * e, y[2 * e]);
+        CHECK(close_to(y[2 * e + 1], (e - 19.5) / sqrt(var[1]) - 0.5, 1e-6), "interleaved");
+    }
+}
+
 int main(void)
 {
     static const char *isas[] = {"baseline", "avx2", "avx512"};
@@ -137,6 +161,7 @@ int main(void)
         test_forward_backward();
         test_thread_determinism();
         test_constant_channel();
+        test_zero_variance_eps0();
         printf("isa %-8s checked (openmp: %d)\n", isas[k], bn_has_openmp());
         ++ran;
     }

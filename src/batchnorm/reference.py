@@ -39,11 +39,21 @@ def batch_stats(x, axis: int = 1) -> Stats:
     return Stats(mean, var, x.size // x.shape[axis])
 
 
+def _normalized(x, m, inv):
+    """xhat = (x - mean) / sqrt(var + eps): 0 where x == mean, even when var + eps == 0
+    (conventions.md: zero variance gives beta exactly)."""
+    d = x - m
+    with np.errstate(invalid="ignore"):
+        return np.where(d == 0, 0.0, d * inv)
+
+
 def forward_eval(x, mean, var, gamma=None, beta=None, *, axis: int = 1, eps: float = 1e-5):
     x = np.asarray(x, dtype=np.float64)
     m = _per_channel(mean, x.ndim, axis, 0.0)
     v = _per_channel(var, x.ndim, axis, 1.0)
-    xhat = (x - m) / np.sqrt(v + eps)
+    with np.errstate(divide="ignore"):
+        inv = 1.0 / np.sqrt(v + eps)
+    xhat = _normalized(x, m, inv)
     return _per_channel(gamma, x.ndim, axis, 1.0) * xhat + _per_channel(beta, x.ndim, axis, 0.0)
 
 
@@ -58,11 +68,16 @@ def backward(dy, x, st, gamma=None, *, axis: int = 1, eps: float = 1e-5, trainin
     axes = _reduce_axes(x.ndim, axis)
     n = x.size // x.shape[axis]
     m = _per_channel(st[0], x.ndim, axis, 0.0)
-    inv = 1.0 / np.sqrt(_per_channel(st[1], x.ndim, axis, 1.0) + eps)
+    with np.errstate(divide="ignore"):
+        inv = 1.0 / np.sqrt(_per_channel(st[1], x.ndim, axis, 1.0) + eps)
     g = _per_channel(gamma, x.ndim, axis, 1.0)
-    xhat = (x - m) * inv
+    xhat = _normalized(x, m, inv)
     dbeta = dy.sum(axis=axes)
-    dgamma = (dy * xhat).sum(axis=axes)
+    # dgamma = sum(dy * xhat), taken as sum(dy * (x - mean)) / sqrt(var + eps): 0 when the
+    # sum is 0, even where var + eps == 0 makes xhat infinite
+    sdyx = (dy * (x - m)).sum(axis=axes)
+    with np.errstate(invalid="ignore"):
+        dgamma = np.where(sdyx == 0, 0.0, sdyx * inv.reshape(-1))
     if training:
         db = _per_channel(dbeta, x.ndim, axis, 0.0)
         dg = _per_channel(dgamma, x.ndim, axis, 0.0)
