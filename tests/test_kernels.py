@@ -371,3 +371,42 @@ def test_cimport_from_other_cython_code(tmp_path):
     assert_grad_close(dx, rdx, np.float64)
     assert_stat_close(dg, rdg)
     assert_stat_close(db, rdb)
+
+
+# Outputs of 16 MB or more are written with non-temporal stores (bn_c/src/internal.h,
+# BN_STREAM_MIN_BYTES); smaller ones with ordinary stores. Both must give the same bits.
+STREAM_CASES = [((2, 8, 512, 520), 1), ((2, 520, 512, 8), -1)]  # 17 MB of float32
+
+
+@pytest.mark.parametrize("shape, axis", STREAM_CASES, ids=["nchw", "nhwc"])
+def test_streamed_outputs_match_cached_ones(shape, axis, isa, threads):
+    """Elementwise passes give the same bits on a large output (streamed) as on each half
+    of it (too small to stream), also into a misaligned out= (an ordinary-store head before
+    the aligned streamed body), for 1 and 2 threads."""
+    rng = np.random.default_rng(30)
+    x = (rng.normal(size=shape) + 2.0).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    assert x.nbytes >= 16 << 20 and x[:1].nbytes < 16 << 20
+    c = shape[axis]
+    mean, var = rng.normal(size=c), rng.uniform(0.5, 2.0, c)
+    gamma, beta = rng.normal(size=c), rng.normal(size=c)
+    halves_y = np.concatenate([bn.forward_eval(x[k:k + 1], mean, var, gamma, beta, axis=axis)
+                               for k in range(2)])
+    halves_dx = np.concatenate([bn.backward(dy[k:k + 1], x[k:k + 1], (mean, var), gamma,
+                                            axis=axis, training=False)[0] for k in range(2)])
+    buf = np.empty(x.size + 1, np.float32)
+    out = buf[1:].reshape(shape)  # 4 bytes past an aligned address
+    for nthreads in (1, 2):
+        bn.set_num_threads(nthreads)
+        assert np.array_equal(bn.forward_eval(x, mean, var, gamma, beta, axis=axis), halves_y)
+        bn.forward_eval(x, mean, var, gamma, beta, axis=axis, out=out)
+        assert np.array_equal(out, halves_y)
+        dx = bn.backward(dy, x, (mean, var), gamma, axis=axis, training=False, out=out)[0]
+        assert np.array_equal(dx, halves_dx)
+        # training: the forward equals inference with the batch's own statistics, and the
+        # backward matches the float64 reference
+        y, st = bn.forward_train(x, gamma, beta, axis=axis, out=out)
+        assert np.array_equal(y, bn.forward_eval(x, st.mean, st.var, gamma, beta, axis=axis))
+        dx, _, _ = bn.backward(dy, x, st, gamma, axis=axis, out=out)
+        dx_ref, _, _ = ref.backward(dy, x, st, gamma, axis=axis)
+        assert np.abs(dx - dx_ref).max() < 1e-5 * np.abs(dx_ref).max()

@@ -37,7 +37,8 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
     double n = (double)(s.outer * s.inner);
     double *psdy = sums, *psdyx = sums + cc * parts, *sdy = psdyx + cc * parts, *sdyx = sdy + cc;
     const BN_CT *b = training ? coef + 2 * C : NULL, *c = training ? coef + 3 * C : NULL;
-    bn_exact ex;
+    bn_call ex;
+    ex.stream = (double)(s.outer * C * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
     ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = NULL, ex.eps = eps, ex.n = n;
     ex.sdy = training ? sdy : NULL, ex.sdyx = sdyx;
     for (c0 = 0; c0 < C; c0 += cc) {

@@ -5,7 +5,9 @@
  *   BN_LD(p) / BN_ST(p, v)  load one element as BN_CT / store one
  * and, with AVX2+FMA (BN_SIMD), vectors of BN_CT:
  *   BN_V, BN_W (lanes), BN_VLD(p) / BN_VST(p, v) from/to storage, BN_VLDC(p) from a BN_CT array,
- *   BN_LOAD4D(p)  4 elements widened to double, for the float64 accumulators.
+ *   BN_LOAD4D(p)  4 elements widened to double, for the float64 accumulators,
+ *   BN_VSTS(stream, p, v)  a store that is non-temporal when `stream` (p aligned to
+ *   BN_VBYTES), BN_CAN_STREAM whether this type has such stores (float32, float64).
  * No include guard: included once per instantiation. */
 #include "half.h"
 
@@ -26,6 +28,9 @@
 #undef BN_VFMA
 #undef BN_LOAD4D
 #undef BN_SIMD
+#undef BN_VSTNT
+#undef BN_VSTS
+#undef BN_CAN_STREAM
 
 #if BN_KIND == BN_KIND_F64
 #define BN_T double
@@ -73,6 +78,8 @@
 #define BN_VMUL _mm256_mul_pd
 #define BN_VFMA _mm256_fmadd_pd
 #define BN_LOAD4D(p) _mm256_loadu_pd(p)
+#define BN_VSTNT _mm256_stream_pd
+#define BN_CAN_STREAM 1
 #else
 #define BN_V __m256
 #define BN_W 8
@@ -85,6 +92,8 @@
 #define BN_VLD _mm256_loadu_ps
 #define BN_VST _mm256_storeu_ps
 #define BN_LOAD4D(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#define BN_VSTNT _mm256_stream_ps
+#define BN_CAN_STREAM 1
 #elif BN_KIND == BN_KIND_F16
 #define BN_VLD bn_load8_f16
 #define BN_VST bn_store8_f16
@@ -95,6 +104,15 @@
 #define BN_LOAD4D(p) _mm256_cvtps_pd(bn_load4_bf16(p))
 #endif
 #endif
+#ifndef BN_CAN_STREAM
+#define BN_CAN_STREAM 0
+#define BN_VSTNT BN_VST
+#endif
+#define BN_VSTS(stream, p, v) ((stream) ? BN_VSTNT(p, v) : BN_VST(p, v))
 #else
 #define BN_SIMD 0
+#define BN_CAN_STREAM 0
 #endif
+/* Bytes of one vector, the alignment non-temporal stores need. */
+#define BN_VBYTES 32
+#define BN_MISALIGNED(p) ((uintptr_t)(p) & (BN_VBYTES - 1))

@@ -63,13 +63,23 @@ int bn_threads_for(ptrdiff_t elems, ptrdiff_t units);
 
 int bn_shape_ok(bn_shape s);
 
-/* The slow, exact path for "wide" channels: those whose coefficients do not fit the compute
- * type (gamma / sqrt(var + eps) beyond its range, eps = 0 with zero variance, a given mean
- * beyond the storage type's range). Elements of such channels are computed one by one in
- * double from the original parameters, products scaled so that no intermediate overflows
- * spuriously, and x == mean gives beta (conventions.md: zero variance gives beta exactly).
- * Built once, without ISA flags, so every kernel set gives the same bits here. */
-typedef struct bn_exact {
+/* What the elementwise pass of one call needs besides its per-channel coefficients.
+ *
+ * stream: the output is large (BN_STREAM_MIN_BYTES or more), so it is written with
+ * non-temporal stores, which skip reading the destination's cache lines before writing them
+ * and leave the cache to the input (as memcpy does for large copies). float32/float64 only.
+ *
+ * The rest is for the slow, exact path of "wide" channels: those whose coefficients do not
+ * fit the compute type (gamma / sqrt(var + eps) beyond its range, eps = 0 with zero
+ * variance, a given mean beyond the storage type's range). Elements of such channels are
+ * computed one by one in double from the original parameters, products scaled so that no
+ * intermediate overflows spuriously, and x == mean gives beta (conventions.md: zero variance
+ * gives beta exactly). Built once, without ISA flags, so every kernel set gives the same bits
+ * there. */
+#define BN_STREAM_MIN_BYTES ((double)(16 << 20))
+
+typedef struct bn_call {
+    int stream;
     const double *mean, *var, *gamma, *beta; /* per channel; gamma, beta may be NULL */
     double eps;
     /* training backward only: the sums of dy and dy * (x - mean) of the current chunk,
@@ -77,12 +87,12 @@ typedef struct bn_exact {
     const double *sdy, *sdyx;
     ptrdiff_t c_begin;
     double n;
-} bn_exact;
+} bn_call;
 
 /* y = beta + gamma * (x - mean) / sqrt(var + eps) for one element of channel c. */
-double bn_exact_y(const bn_exact *e, ptrdiff_t c, double x);
+double bn_exact_y(const bn_call *e, ptrdiff_t c, double x);
 /* dx of one element of channel c: training (e->sdy != NULL) or frozen statistics. */
-double bn_exact_dx(const bn_exact *e, ptrdiff_t c, double dy, double x);
+double bn_exact_dx(const bn_call *e, ptrdiff_t c, double dy, double x);
 /* dgamma = sum(dy * (x - mean)) / sqrt(var + eps), which is 0, not NaN, when the sum is 0
  * (a constant channel with eps = 0: every normalized value is 0). */
 double bn_dgamma(double sdyx, double inv);

@@ -7,7 +7,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
                                       const double *gamma, const double *beta, double eps)
 {
     BN_CT *coef;
-    bn_exact ex;
+    bn_call ex;
     bn_tiling t;
     ptrdiff_t u, C = s.channels;
     int nt;
@@ -17,6 +17,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)C);
     if (!coef) return BN_ERR_NOMEM;
     FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, coef, coef + C, coef + 2 * C);
+    ex.stream = (double)(s.outer * C * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
     ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = beta, ex.eps = eps;
     ex.sdy = ex.sdyx = NULL, ex.c_begin = 0, ex.n = 0.0;
     t = bn_make_tiling(s, 0, C);
@@ -44,7 +45,8 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
                              BN_CT *coef)
 {
     ptrdiff_t c0, u, C = s.channels;
-    bn_exact ex;
+    bn_call ex;
+    ex.stream = (double)(s.outer * C * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
     ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = beta, ex.eps = eps;
     ex.sdy = ex.sdyx = NULL, ex.c_begin = 0, ex.n = 0.0;
     for (c0 = 0; c0 < C; c0 += cc) {

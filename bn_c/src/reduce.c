@@ -85,10 +85,12 @@ ptrdiff_t bn_chunk_channels(bn_shape s, int arrays, size_t itemsize)
     size_t per_channel = (size_t)(s.outer * s.inner) * itemsize * (size_t)arrays;
     ptrdiff_t cc = per_channel ? (ptrdiff_t)(BN_CHUNK_BYTES / per_channel) : s.channels;
     if (!(s.inner > 1)) {
-        /* Interleaved channels share cache lines, and reading a few lines of each row is
-         * slower than reading the rows twice: chunks are runs of at least 256 bytes. */
-        ptrdiff_t run = (ptrdiff_t)(256 / itemsize);
-        cc = (cc + run - 1) / run * run;
+        /* Interleaved channels share cache lines and pages: a chunk reads a piece of every
+         * row, and pieces much shorter than a page cost nearly whole rows of memory traffic
+         * (the prefetchers fetch around them). So chunks are runs of at least 1 KB, and of
+         * whole multiples of that, even when that overflows the chunk's byte budget. */
+        ptrdiff_t run = (ptrdiff_t)(1024 / itemsize);
+        cc = cc < run ? run : (cc + run - 1) / run * run;
     }
     return max_p(1, min_p(cc, s.channels));
 }
@@ -101,39 +103,55 @@ double bn_part_count(const bn_tiling *t, bn_shape s, ptrdiff_t k)
     return (double)(max_p(rows, 0) * max_p(len, 0));
 }
 
+/* Channels merged side by side: the part counts, and so the merge weights, are the same for
+ * every channel, and independent channels keep the FPU busy where one channel's chain of
+ * dependent steps would wait on each. Each channel's arithmetic, and so its bits, is that of
+ * merging it alone, parts in order. */
+#define BN_MERGE_BLOCK 16
+
 void bn_merge_moments(const bn_tiling *t, bn_shape s, const double *pmean, const double *pm2,
                       double *mean, double *var)
 {
-    ptrdiff_t c;
-    for (c = 0; c < t->c_count; ++c) {
-        const double *pm = pmean + c * t->parts, *p2 = pm2 + c * t->parts;
-        double n = 0.0, m = 0.0, m2 = 0.0;
-        ptrdiff_t k;
-        for (k = 0; k < t->parts; ++k) {
+    ptrdiff_t c0, j, k, P = t->parts;
+    for (c0 = 0; c0 < t->c_count; c0 += BN_MERGE_BLOCK) {
+        ptrdiff_t nc = min_p(BN_MERGE_BLOCK, t->c_count - c0);
+        const double *pm = pmean + c0 * P, *p2 = pm2 + c0 * P;
+        double n = 0.0, m[BN_MERGE_BLOCK], m2[BN_MERGE_BLOCK];
+        for (k = 0; k < P; ++k) {
             double nb = bn_part_count(t, s, k);
             if (nb == 0.0) continue;
             if (n == 0.0) {
-                n = nb, m = pm[k], m2 = p2[k];
+                for (j = 0; j < nc; ++j) m[j] = pm[j * P + k], m2[j] = p2[j * P + k];
+                n = nb;
             } else {
-                double nab = n + nb, delta = pm[k] - m;
-                m += delta * (nb / nab);
-                m2 += p2[k] + delta * delta * (n * nb / nab);
+                double nab = n + nb, w1 = nb / nab, w2 = n * nb / nab;
+                for (j = 0; j < nc; ++j) {
+                    double delta = pm[j * P + k] - m[j];
+                    m[j] += delta * w1;
+                    m2[j] += p2[j * P + k] + delta * delta * w2;
+                }
                 n = nab;
             }
         }
-        mean[c] = n > 0.0 ? m : NAN;
-        /* M2 is a sum of squares: clamp the rounding below zero, keep NaN */
-        var[c] = n > 0.0 ? (m2 > 0.0 ? m2 / n : (m2 == m2 ? 0.0 : m2)) : NAN;
+        for (j = 0; j < nc; ++j) {
+            mean[c0 + j] = n > 0.0 ? m[j] : NAN;
+            /* M2 is a sum of squares: clamp the rounding below zero, keep NaN */
+            var[c0 + j] = n > 0.0 ? (m2[j] > 0.0 ? m2[j] / n : (m2[j] == m2[j] ? 0.0 : m2[j]))
+                                  : NAN;
+        }
     }
 }
 
 void bn_merge_sums(const bn_tiling *t, const double *part, double *total)
 {
-    ptrdiff_t c, k;
-    for (c = 0; c < t->c_count; ++c) {
-        double acc = 0.0;
-        for (k = 0; k < t->parts; ++k) acc += part[c * t->parts + k];
-        total[c] = acc;
+    ptrdiff_t c0, j, k, P = t->parts;
+    for (c0 = 0; c0 < t->c_count; c0 += BN_MERGE_BLOCK) {
+        ptrdiff_t nc = min_p(BN_MERGE_BLOCK, t->c_count - c0);
+        double acc[BN_MERGE_BLOCK];
+        for (j = 0; j < nc; ++j) acc[j] = 0.0;
+        for (k = 0; k < P; ++k)
+            for (j = 0; j < nc; ++j) acc[j] += part[(c0 + j) * P + k];
+        for (j = 0; j < nc; ++j) total[c0 + j] = acc[j];
     }
 }
 
@@ -148,7 +166,7 @@ static double bn_mul3(double p, double q, double r)
     return ldexp(p * q * r, ep + eq + er);
 }
 
-double bn_exact_y(const bn_exact *e, ptrdiff_t c, double x)
+double bn_exact_y(const bn_call *e, ptrdiff_t c, double x)
 {
     double d = x - e->mean[c], inv = 1.0 / sqrt(e->var[c] + e->eps);
     double g = e->gamma ? e->gamma[c] : 1.0, b = e->beta ? e->beta[c] : 0.0;
@@ -158,7 +176,7 @@ double bn_exact_y(const bn_exact *e, ptrdiff_t c, double x)
 
 double bn_dgamma(double sdyx, double inv) { return sdyx == 0.0 ? 0.0 : sdyx * inv; }
 
-double bn_exact_dx(const bn_exact *e, ptrdiff_t c, double dy, double x)
+double bn_exact_dx(const bn_call *e, ptrdiff_t c, double dy, double x)
 {
     double inv = 1.0 / sqrt(e->var[c] + e->eps), g = e->gamma ? e->gamma[c] : 1.0;
     double d, xhat, t;

@@ -136,18 +136,23 @@ static inline void FN(run_bwd_sums)(const BN_T *dy, ptrdiff_t dyrs, ptrdiff_t dy
 
 /* y = (x - m) * a + b. In place (y == x) is fine: each vector is read before it is written. */
 static inline void FN(run_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
-                                  ptrdiff_t n, BN_CT m, BN_CT a, BN_CT b)
+                                  ptrdiff_t n, BN_CT m, BN_CT a, BN_CT b, int stream)
 {
     ptrdiff_t i = 0;
+    (void)stream; /* non-temporal stores need SIMD */
     if (xst == 1 && yst == 1) {
 #if BN_SIMD
         BN_V vm = BN_VSET1(m), va = BN_VSET1(a), vb = BN_VSET1(b);
+        stream = stream && BN_CAN_STREAM;
+        for (; stream && i < n && BN_MISALIGNED(y + i); ++i)
+            BN_ST(y + i, BN_SFMA(BN_LD(x + i) - m, a, b));
         for (; i + 2 * BN_W <= n; i += 2 * BN_W) {
             BN_V y0 = BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), va, vb);
             BN_V y1 = BN_VFMA(BN_VSUB(BN_VLD(x + i + BN_W), vm), va, vb);
-            BN_VST(y + i, y0), BN_VST(y + i + BN_W, y1);
+            BN_VSTS(stream, y + i, y0), BN_VSTS(stream, y + i + BN_W, y1);
         }
-        for (; i + BN_W <= n; i += BN_W) BN_VST(y + i, BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), va, vb));
+        for (; i + BN_W <= n; i += BN_W)
+            BN_VSTS(stream, y + i, BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), va, vb));
         for (; i < n; ++i) BN_ST(y + i, BN_SFMA(BN_LD(x + i) - m, a, b));
 #endif
         for (; i < n; ++i) BN_ST(y + i, (BN_LD(x + i) - m) * a + b);
@@ -159,15 +164,19 @@ static inline void FN(run_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff
 /* dx = a * dy + (b * (x - m) + c) */
 static inline void FN(run_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrdiff_t xst,
                                   BN_T *dx, ptrdiff_t dxst, ptrdiff_t n, BN_CT m, BN_CT a,
-                                  BN_CT b, BN_CT c)
+                                  BN_CT b, BN_CT c, int stream)
 {
     ptrdiff_t i = 0;
+    (void)stream; /* non-temporal stores need SIMD */
     if (dyst == 1 && xst == 1 && dxst == 1) {
 #if BN_SIMD
         BN_V vm = BN_VSET1(m), va = BN_VSET1(a), vb = BN_VSET1(b), vc = BN_VSET1(c);
+        stream = stream && BN_CAN_STREAM;
+        for (; stream && i < n && BN_MISALIGNED(dx + i); ++i)
+            BN_ST(dx + i, BN_SFMA(a, BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m, b, c)));
         for (; i + BN_W <= n; i += BN_W)
-            BN_VST(dx + i,
-                   BN_VFMA(va, BN_VLD(dy + i), BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), vb, vc)));
+            BN_VSTS(stream, dx + i,
+                    BN_VFMA(va, BN_VLD(dy + i), BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), vb, vc)));
         for (; i < n; ++i) BN_ST(dx + i, BN_SFMA(a, BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m, b, c)));
 #endif
         for (; i < n; ++i) BN_ST(dx + i, a * BN_LD(dy + i) + ((BN_LD(x + i) - m) * b + c));
@@ -179,13 +188,16 @@ static inline void FN(run_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x,
 
 /* dx = a * dy */
 static inline void FN(run_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrdiff_t dxst,
-                                 ptrdiff_t n, BN_CT a)
+                                 ptrdiff_t n, BN_CT a, int stream)
 {
     ptrdiff_t i = 0;
+    (void)stream; /* non-temporal stores need SIMD */
     if (dyst == 1 && dxst == 1) {
 #if BN_SIMD
         BN_V va = BN_VSET1(a);
-        for (; i + BN_W <= n; i += BN_W) BN_VST(dx + i, BN_VMUL(va, BN_VLD(dy + i)));
+        stream = stream && BN_CAN_STREAM;
+        for (; stream && i < n && BN_MISALIGNED(dx + i); ++i) BN_ST(dx + i, a * BN_LD(dy + i));
+        for (; i + BN_W <= n; i += BN_W) BN_VSTS(stream, dx + i, BN_VMUL(va, BN_VLD(dy + i)));
 #endif
         for (; i < n; ++i) BN_ST(dx + i, a * BN_LD(dy + i));
     } else {
@@ -193,9 +205,9 @@ static inline void FN(run_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrdi
     }
 }
 
-/* The exact path of a wide channel c (see bn_exact in internal.h), element by element. */
+/* The exact path of a wide channel c (see bn_call in internal.h), element by element. */
 static void FN(run_exact_y)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst, ptrdiff_t n,
-                            const bn_exact *e, ptrdiff_t c)
+                            const bn_call *e, ptrdiff_t c)
 {
     ptrdiff_t i;
     for (i = 0; i < n; ++i)
@@ -203,7 +215,7 @@ static void FN(run_exact_y)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst
 }
 
 static void FN(run_exact_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrdiff_t xst,
-                             BN_T *dx, ptrdiff_t dxst, ptrdiff_t n, const bn_exact *e,
+                             BN_T *dx, ptrdiff_t dxst, ptrdiff_t n, const bn_call *e,
                              ptrdiff_t c)
 {
     ptrdiff_t i;
@@ -214,14 +226,19 @@ static void FN(run_exact_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrd
 
 /* y[j] = (x[j] - m[j]) * a[j] + b[j] */
 static inline void FN(cols_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
-                                   ptrdiff_t cn, const BN_CT *m, const BN_CT *a, const BN_CT *b)
+                                   ptrdiff_t cn, const BN_CT *m, const BN_CT *a, const BN_CT *b,
+                                   int stream)
 {
     ptrdiff_t j = 0;
+    (void)stream; /* non-temporal stores need SIMD */
     if (xst == 1 && yst == 1) {
 #if BN_SIMD
+        stream = stream && BN_CAN_STREAM;
+        for (; stream && j < cn && BN_MISALIGNED(y + j); ++j)
+            BN_ST(y + j, BN_SFMA(BN_LD(x + j) - m[j], a[j], b[j]));
         for (; j + BN_W <= cn; j += BN_W)
-            BN_VST(y + j, BN_VFMA(BN_VSUB(BN_VLD(x + j), BN_VLDC(m + j)), BN_VLDC(a + j),
-                                  BN_VLDC(b + j)));
+            BN_VSTS(stream, y + j, BN_VFMA(BN_VSUB(BN_VLD(x + j), BN_VLDC(m + j)), BN_VLDC(a + j),
+                                           BN_VLDC(b + j)));
         for (; j < cn; ++j) BN_ST(y + j, BN_SFMA(BN_LD(x + j) - m[j], a[j], b[j]));
 #endif
         for (; j < cn; ++j) BN_ST(y + j, (BN_LD(x + j) - m[j]) * a[j] + b[j]);
@@ -233,15 +250,19 @@ static inline void FN(cols_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdif
 /* dx[j] = a[j] * dy[j] + (b[j] * (x[j] - m[j]) + c[j]) */
 static inline void FN(cols_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrdiff_t xst,
                                    BN_T *dx, ptrdiff_t dxst, ptrdiff_t cn, const BN_CT *m,
-                                   const BN_CT *a, const BN_CT *b, const BN_CT *c)
+                                   const BN_CT *a, const BN_CT *b, const BN_CT *c, int stream)
 {
     ptrdiff_t j = 0;
+    (void)stream; /* non-temporal stores need SIMD */
     if (dyst == 1 && xst == 1 && dxst == 1) {
 #if BN_SIMD
+        stream = stream && BN_CAN_STREAM;
+        for (; stream && j < cn && BN_MISALIGNED(dx + j); ++j)
+            BN_ST(dx + j, BN_SFMA(a[j], BN_LD(dy + j), BN_SFMA(BN_LD(x + j) - m[j], b[j], c[j])));
         for (; j + BN_W <= cn; j += BN_W)
-            BN_VST(dx + j, BN_VFMA(BN_VLDC(a + j), BN_VLD(dy + j),
-                                   BN_VFMA(BN_VSUB(BN_VLD(x + j), BN_VLDC(m + j)),
-                                           BN_VLDC(b + j), BN_VLDC(c + j))));
+            BN_VSTS(stream, dx + j, BN_VFMA(BN_VLDC(a + j), BN_VLD(dy + j),
+                                            BN_VFMA(BN_VSUB(BN_VLD(x + j), BN_VLDC(m + j)),
+                                                    BN_VLDC(b + j), BN_VLDC(c + j))));
         for (; j < cn; ++j)
             BN_ST(dx + j, BN_SFMA(a[j], BN_LD(dy + j), BN_SFMA(BN_LD(x + j) - m[j], b[j], c[j])));
 #endif
@@ -256,13 +277,16 @@ static inline void FN(cols_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x
 
 /* dx[j] = a[j] * dy[j] */
 static inline void FN(cols_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrdiff_t dxst,
-                                  ptrdiff_t cn, const BN_CT *a)
+                                  ptrdiff_t cn, const BN_CT *a, int stream)
 {
     ptrdiff_t j = 0;
+    (void)stream; /* non-temporal stores need SIMD */
     if (dyst == 1 && dxst == 1) {
 #if BN_SIMD
+        stream = stream && BN_CAN_STREAM;
+        for (; stream && j < cn && BN_MISALIGNED(dx + j); ++j) BN_ST(dx + j, a[j] * BN_LD(dy + j));
         for (; j + BN_W <= cn; j += BN_W)
-            BN_VST(dx + j, BN_VMUL(BN_VLDC(a + j), BN_VLD(dy + j)));
+            BN_VSTS(stream, dx + j, BN_VMUL(BN_VLDC(a + j), BN_VLD(dy + j)));
 #endif
         for (; j < cn; ++j) BN_ST(dx + j, a[j] * BN_LD(dy + j));
     } else {
@@ -272,7 +296,13 @@ static inline void FN(cols_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrd
 
 /* Reductions over `rows` rows (row stride rs) of cn channels (channel stride cst), one
  * accumulator per channel, rows in order. With SIMD, blocks of 16 contiguous channels keep
- * their accumulators in registers for all the rows; the order per channel is the same. */
+ * their accumulators in registers over BN_ROW_BLOCK rows, and the blocks go along the rows:
+ * memory is read row by row, a few rows at a time, which the prefetchers follow (walking one
+ * block down all the rows of a unit strides across pages and defeats them). The order per
+ * channel is the same. */
+#ifndef BN_ROW_BLOCK
+#define BN_ROW_BLOCK 8
+#endif
 
 /* sd[j] += sum of d, sdd[j] += sum of d*d, d = x[r, j] - m[j] */
 static inline void FN(cols_dev_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, ptrdiff_t cst,
@@ -280,27 +310,31 @@ static inline void FN(cols_dev_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows
 {
     ptrdiff_t j = 0, r;
 #if BN_SIMD
-    for (; cst == 1 && j + 16 <= cn; j += 16) {
-        __m256d m0 = _mm256_loadu_pd(m + j), m1 = _mm256_loadu_pd(m + j + 4);
-        __m256d m2 = _mm256_loadu_pd(m + j + 8), m3 = _mm256_loadu_pd(m + j + 12);
-        __m256d s0 = _mm256_loadu_pd(sd + j), s1 = _mm256_loadu_pd(sd + j + 4);
-        __m256d s2 = _mm256_loadu_pd(sd + j + 8), s3 = _mm256_loadu_pd(sd + j + 12);
-        __m256d q0 = _mm256_loadu_pd(sdd + j), q1 = _mm256_loadu_pd(sdd + j + 4);
-        __m256d q2 = _mm256_loadu_pd(sdd + j + 8), q3 = _mm256_loadu_pd(sdd + j + 12);
-        for (r = 0; r < rows; ++r) {
-            const BN_T *p = x + r * rs + j;
-            __m256d e0 = _mm256_sub_pd(BN_LOAD4D(p), m0), e1 = _mm256_sub_pd(BN_LOAD4D(p + 4), m1);
-            __m256d e2 = _mm256_sub_pd(BN_LOAD4D(p + 8), m2);
-            __m256d e3 = _mm256_sub_pd(BN_LOAD4D(p + 12), m3);
-            s0 = _mm256_add_pd(s0, e0), q0 = _mm256_fmadd_pd(e0, e0, q0);
-            s1 = _mm256_add_pd(s1, e1), q1 = _mm256_fmadd_pd(e1, e1, q1);
-            s2 = _mm256_add_pd(s2, e2), q2 = _mm256_fmadd_pd(e2, e2, q2);
-            s3 = _mm256_add_pd(s3, e3), q3 = _mm256_fmadd_pd(e3, e3, q3);
+    ptrdiff_t r0, r1;
+    for (r0 = 0; cst == 1 && r0 < rows; r0 = r1) {
+        r1 = r0 + BN_ROW_BLOCK < rows ? r0 + BN_ROW_BLOCK : rows;
+        for (j = 0; j + 16 <= cn; j += 16) {
+            __m256d m0 = _mm256_loadu_pd(m + j), m1 = _mm256_loadu_pd(m + j + 4);
+            __m256d m2 = _mm256_loadu_pd(m + j + 8), m3 = _mm256_loadu_pd(m + j + 12);
+            __m256d s0 = _mm256_loadu_pd(sd + j), s1 = _mm256_loadu_pd(sd + j + 4);
+            __m256d s2 = _mm256_loadu_pd(sd + j + 8), s3 = _mm256_loadu_pd(sd + j + 12);
+            __m256d q0 = _mm256_loadu_pd(sdd + j), q1 = _mm256_loadu_pd(sdd + j + 4);
+            __m256d q2 = _mm256_loadu_pd(sdd + j + 8), q3 = _mm256_loadu_pd(sdd + j + 12);
+            for (r = r0; r < r1; ++r) {
+                const BN_T *p = x + r * rs + j;
+                __m256d e0 = _mm256_sub_pd(BN_LOAD4D(p), m0), e1 = _mm256_sub_pd(BN_LOAD4D(p + 4), m1);
+                __m256d e2 = _mm256_sub_pd(BN_LOAD4D(p + 8), m2);
+                __m256d e3 = _mm256_sub_pd(BN_LOAD4D(p + 12), m3);
+                s0 = _mm256_add_pd(s0, e0), q0 = _mm256_fmadd_pd(e0, e0, q0);
+                s1 = _mm256_add_pd(s1, e1), q1 = _mm256_fmadd_pd(e1, e1, q1);
+                s2 = _mm256_add_pd(s2, e2), q2 = _mm256_fmadd_pd(e2, e2, q2);
+                s3 = _mm256_add_pd(s3, e3), q3 = _mm256_fmadd_pd(e3, e3, q3);
+            }
+            _mm256_storeu_pd(sd + j, s0), _mm256_storeu_pd(sd + j + 4, s1);
+            _mm256_storeu_pd(sd + j + 8, s2), _mm256_storeu_pd(sd + j + 12, s3);
+            _mm256_storeu_pd(sdd + j, q0), _mm256_storeu_pd(sdd + j + 4, q1);
+            _mm256_storeu_pd(sdd + j + 8, q2), _mm256_storeu_pd(sdd + j + 12, q3);
         }
-        _mm256_storeu_pd(sd + j, s0), _mm256_storeu_pd(sd + j + 4, s1);
-        _mm256_storeu_pd(sd + j + 8, s2), _mm256_storeu_pd(sd + j + 12, s3);
-        _mm256_storeu_pd(sdd + j, q0), _mm256_storeu_pd(sdd + j + 4, q1);
-        _mm256_storeu_pd(sdd + j + 8, q2), _mm256_storeu_pd(sdd + j + 12, q3);
     }
 #endif
     for (r = 0; r < rows; ++r) {
@@ -321,28 +355,32 @@ static inline void FN(cols_bwd_sums_rows)(const BN_T *dy, ptrdiff_t dyrs, ptrdif
 {
     ptrdiff_t j = 0, r;
 #if BN_SIMD
-    for (; dycst == 1 && xcst == 1 && j + 16 <= cn; j += 16) {
-        __m256d m0 = _mm256_loadu_pd(m + j), m1 = _mm256_loadu_pd(m + j + 4);
-        __m256d m2 = _mm256_loadu_pd(m + j + 8), m3 = _mm256_loadu_pd(m + j + 12);
-        __m256d g0 = _mm256_loadu_pd(sdy + j), g1 = _mm256_loadu_pd(sdy + j + 4);
-        __m256d g2 = _mm256_loadu_pd(sdy + j + 8), g3 = _mm256_loadu_pd(sdy + j + 12);
-        __m256d h0 = _mm256_loadu_pd(sdyx + j), h1 = _mm256_loadu_pd(sdyx + j + 4);
-        __m256d h2 = _mm256_loadu_pd(sdyx + j + 8), h3 = _mm256_loadu_pd(sdyx + j + 12);
-        for (r = 0; r < rows; ++r) {
-            const BN_T *pg = dy + r * dyrs + j, *px = x + r * xrs + j;
-            __m256d a0 = BN_LOAD4D(pg), a1 = BN_LOAD4D(pg + 4);
-            __m256d a2 = BN_LOAD4D(pg + 8), a3 = BN_LOAD4D(pg + 12);
-            g0 = _mm256_add_pd(g0, a0), g1 = _mm256_add_pd(g1, a1);
-            g2 = _mm256_add_pd(g2, a2), g3 = _mm256_add_pd(g3, a3);
-            h0 = _mm256_fmadd_pd(a0, _mm256_sub_pd(BN_LOAD4D(px), m0), h0);
-            h1 = _mm256_fmadd_pd(a1, _mm256_sub_pd(BN_LOAD4D(px + 4), m1), h1);
-            h2 = _mm256_fmadd_pd(a2, _mm256_sub_pd(BN_LOAD4D(px + 8), m2), h2);
-            h3 = _mm256_fmadd_pd(a3, _mm256_sub_pd(BN_LOAD4D(px + 12), m3), h3);
+    ptrdiff_t r0, r1;
+    for (r0 = 0; dycst == 1 && xcst == 1 && r0 < rows; r0 = r1) {
+        r1 = r0 + BN_ROW_BLOCK < rows ? r0 + BN_ROW_BLOCK : rows;
+        for (j = 0; j + 16 <= cn; j += 16) {
+            __m256d m0 = _mm256_loadu_pd(m + j), m1 = _mm256_loadu_pd(m + j + 4);
+            __m256d m2 = _mm256_loadu_pd(m + j + 8), m3 = _mm256_loadu_pd(m + j + 12);
+            __m256d g0 = _mm256_loadu_pd(sdy + j), g1 = _mm256_loadu_pd(sdy + j + 4);
+            __m256d g2 = _mm256_loadu_pd(sdy + j + 8), g3 = _mm256_loadu_pd(sdy + j + 12);
+            __m256d h0 = _mm256_loadu_pd(sdyx + j), h1 = _mm256_loadu_pd(sdyx + j + 4);
+            __m256d h2 = _mm256_loadu_pd(sdyx + j + 8), h3 = _mm256_loadu_pd(sdyx + j + 12);
+            for (r = r0; r < r1; ++r) {
+                const BN_T *pg = dy + r * dyrs + j, *px = x + r * xrs + j;
+                __m256d a0 = BN_LOAD4D(pg), a1 = BN_LOAD4D(pg + 4);
+                __m256d a2 = BN_LOAD4D(pg + 8), a3 = BN_LOAD4D(pg + 12);
+                g0 = _mm256_add_pd(g0, a0), g1 = _mm256_add_pd(g1, a1);
+                g2 = _mm256_add_pd(g2, a2), g3 = _mm256_add_pd(g3, a3);
+                h0 = _mm256_fmadd_pd(a0, _mm256_sub_pd(BN_LOAD4D(px), m0), h0);
+                h1 = _mm256_fmadd_pd(a1, _mm256_sub_pd(BN_LOAD4D(px + 4), m1), h1);
+                h2 = _mm256_fmadd_pd(a2, _mm256_sub_pd(BN_LOAD4D(px + 8), m2), h2);
+                h3 = _mm256_fmadd_pd(a3, _mm256_sub_pd(BN_LOAD4D(px + 12), m3), h3);
+            }
+            _mm256_storeu_pd(sdy + j, g0), _mm256_storeu_pd(sdy + j + 4, g1);
+            _mm256_storeu_pd(sdy + j + 8, g2), _mm256_storeu_pd(sdy + j + 12, g3);
+            _mm256_storeu_pd(sdyx + j, h0), _mm256_storeu_pd(sdyx + j + 4, h1);
+            _mm256_storeu_pd(sdyx + j + 8, h2), _mm256_storeu_pd(sdyx + j + 12, h3);
         }
-        _mm256_storeu_pd(sdy + j, g0), _mm256_storeu_pd(sdy + j + 4, g1);
-        _mm256_storeu_pd(sdy + j + 8, g2), _mm256_storeu_pd(sdy + j + 12, g3);
-        _mm256_storeu_pd(sdyx + j, h0), _mm256_storeu_pd(sdyx + j + 4, h1);
-        _mm256_storeu_pd(sdyx + j + 8, h2), _mm256_storeu_pd(sdyx + j + 12, h3);
     }
 #endif
     for (r = 0; r < rows; ++r) {

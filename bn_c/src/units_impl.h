@@ -67,6 +67,16 @@ static inline void FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const dou
     }
 }
 
+/* Non-temporal stores are weakly ordered: fence them before the unit counts as done. */
+static inline void FN(stream_fence)(int stream)
+{
+#if BN_SIMD
+    if (stream && BN_CAN_STREAM) _mm_sfence();
+#else
+    (void)stream;
+#endif
+}
+
 /* A channel whose coefficients do not fit the compute type takes the exact path. */
 static inline int FN(wide)(const BN_CT *m, const BN_CT *a, const BN_CT *b, const BN_CT *c,
                            ptrdiff_t k)
@@ -86,7 +96,7 @@ static inline ptrdiff_t FN(same_kind_end)(const BN_CT *m, const BN_CT *a, const 
 /* y = (x - m) * a + b over a unit (wide channels: bn_exact_y). Traffic: read x, write y. */
 static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
                                    BN_T *y, bn_strides ys, ptrdiff_t u, const BN_CT *m,
-                                   const BN_CT *a, const BN_CT *b, const bn_exact *e)
+                                   const BN_CT *a, const BN_CT *b, const bn_call *e)
 {
     bn_unit w = bn_unit_at(t, s, u);
     ptrdiff_t o, c, j, end;
@@ -99,9 +109,10 @@ static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x
                                     ys.inner, w.len, e, c);
                 else
                     FN(run_affine)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
-                                   ys.inner, w.len, m[c], a[c], b[c]);
+                                   ys.inner, w.len, m[c], a[c], b[c], e->stream);
             }
         }
+        FN(stream_fence)(e->stream);
         return;
     }
     /* interleaved: rows of w.cn channels, cut into runs of wide and ordinary channels (one
@@ -117,9 +128,11 @@ static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x
                 for (q = 0; q < end - j; ++q)
                     FN(run_exact_y)(v + q * xs.channel, 0, r + q * ys.channel, 0, 1, e, c + q);
             else
-                FN(cols_affine)(v, xs.channel, r, ys.channel, end - j, m + c, a + c, b + c);
+                FN(cols_affine)(v, xs.channel, r, ys.channel, end - j, m + c, a + c, b + c,
+                                e->stream);
         }
     }
+    FN(stream_fence)(e->stream);
 }
 
 /* Partial sums of dy and dy * (x - mean) of a unit. Traffic: read dy and x. */
@@ -158,7 +171,7 @@ static inline void FN(bwd_sums_unit)(const bn_tiling *t, bn_shape s, const BN_T 
 static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *dy,
                                    bn_strides dys, const BN_T *x, bn_strides xs, BN_T *dx,
                                    bn_strides dxs, ptrdiff_t u, const BN_CT *m, const BN_CT *a,
-                                   const BN_CT *b, const BN_CT *c, const bn_exact *e)
+                                   const BN_CT *b, const BN_CT *c, const bn_call *e)
 {
     bn_unit w = bn_unit_at(t, s, u);
     ptrdiff_t o, k, j, end;
@@ -172,11 +185,12 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
                     FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, e, k);
                 else if (b)
                     FN(run_bwd_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, m[k], a[k],
-                                   b[k], c[k]);
+                                   b[k], c[k], e->stream);
                 else
-                    FN(run_scale)(g, dys.inner, d, dxs.inner, w.len, a[k]);
+                    FN(run_scale)(g, dys.inner, d, dxs.inner, w.len, a[k], e->stream);
             }
         }
+        FN(stream_fence)(e->stream);
         return;
     }
     for (j = 0; j < w.cn; j = end) {
@@ -192,9 +206,10 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
                                      d + q * dxs.channel, 0, 1, e, k + q);
             else if (b)
                 FN(cols_bwd_dx)(g, dys.channel, v, xs.channel, d, dxs.channel, end - j, m + k,
-                                a + k, b + k, c + k);
+                                a + k, b + k, c + k, e->stream);
             else
-                FN(cols_scale)(g, dys.channel, d, dxs.channel, end - j, a + k);
+                FN(cols_scale)(g, dys.channel, d, dxs.channel, end - j, a + k, e->stream);
         }
     }
+    FN(stream_fence)(e->stream);
 }
