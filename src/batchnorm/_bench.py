@@ -283,16 +283,25 @@ class Timing:
         return float(min(self.samples)) if self.samples else math.nan
 
 
+# Idle time before each sample. OpenMP runtimes keep their threads spinning for a few
+# milliseconds after a parallel region (libgomp: GOMP_SPINCOUNT), and PyTorch brings its own
+# runtime: without a pause, the previous candidate's spinning threads take the cores from
+# the next candidate's first calls, and which one loses depends on the order.
+SETTLE_SECONDS = 0.02
+
+
 def measure(
     candidates: Dict[Any, Callable[[], Any]],
     repeat: int,
     min_sample: float = 0.01,
     tick: Optional[Callable[[], None]] = None,
+    settle: float = SETTLE_SECONDS,
 ) -> Dict[Any, Timing]:
     """Time every candidate round-robin: one sample each per round, the start rotating.
 
     A candidate is called once to warm up (one that raises is recorded with its error and
     left out), then its calls per sample are chosen so that a sample lasts ``min_sample``.
+    Each sample starts after ``settle`` seconds of idle time (see SETTLE_SECONDS).
     """
     timings = {k: Timing() for k in candidates}
     live = []
@@ -313,6 +322,8 @@ def measure(
         k = r % len(live) if live else 0
         for key in live[k:] + live[:k]:
             fn, number = candidates[key], timings[key].number
+            if settle > 0:
+                time.sleep(settle)
             t0 = time.perf_counter()
             for _ in range(number):
                 fn()
