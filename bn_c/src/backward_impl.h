@@ -2,13 +2,15 @@
 #include "units_impl.h"
 
 /* Coefficients of dx = a*dy + b*(x - m) + c for channels [c0, c0 + cc), and the parameter
- * gradients, from the per-channel sums of dy and dy*(x - mean). */
-static void FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t C, double n,
+ * gradients, from the per-channel sums of dy and dy*(x - mean). Returns how many channels
+ * take the exact path. */
+static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t C, double n,
                                  const double *mean, const double *var, const double *gamma,
                                  double eps, int training, const double *sdy,
                                  const double *sdyx, BN_CT *coef, double *dgamma, double *dbeta)
 {
     ptrdiff_t k;
+    int wide = 0;
     for (k = c0; k < c0 + cc; ++k) {
         double inv = 1.0 / sqrt(var[k] + eps), a = (gamma ? gamma[k] : 1.0) * inv;
         if (dbeta) dbeta[k] = sdy[k - c0];
@@ -21,7 +23,10 @@ static void FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t C, double
             coef[2 * C + k] = (BN_CT)b;
             coef[3 * C + k] = (BN_CT)(c + b * ((double)coef[k] - mean[k]));
         }
+        wide += FN(wide)(coef, coef + C, training ? coef + 2 * C : NULL,
+                         training ? coef + 3 * C : NULL, k);
     }
+    return wide;
 }
 
 /* The chunk loop of the backward pass (worksharing binds to the caller's team, as in
@@ -30,7 +35,7 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
                                 bn_strides xs, BN_T *dx, bn_strides dxs, const double *mean,
                                 const double *var, const double *gamma, double eps,
                                 int training, double *dgamma, double *dbeta, ptrdiff_t cc,
-                                ptrdiff_t parts, double *sums, BN_CT *coef)
+                                ptrdiff_t parts, double *sums, BN_CT *coef, int *wide)
 {
     ptrdiff_t C = s.channels, c0, u;
     int need_sums = training || dgamma || dbeta;
@@ -38,11 +43,13 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
     double *psdy = sums, *psdyx = sums + cc * parts, *sdy = psdyx + cc * parts, *sdyx = sdy + cc;
     const BN_CT *b = training ? coef + 2 * C : NULL, *c = training ? coef + 3 * C : NULL;
     bn_call ex;
+    ex.wide = wide; /* shared: written by the single thread that computes the coefficients */
     ex.stream = (double)(s.outer * C * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
     ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = NULL, ex.eps = eps, ex.n = n;
     ex.sdy = training ? sdy : NULL, ex.sdyx = sdyx;
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
+        bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);
         ex.c_begin = c0;
         if (need_sums) {
 #ifdef _OPENMP
@@ -56,15 +63,15 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
 #endif
         {
             if (need_sums) bn_merge_sums(&t, psdy, sdy), bn_merge_sums(&t, psdyx, sdyx);
-            FN(bwd_coefficients)(c0, t.c_count, C, n, mean, var, gamma, eps, training, sdy, sdyx,
-                                 coef, dgamma, dbeta);
+            *wide = FN(bwd_coefficients)(c0, t.c_count, C, n, mean, var, gamma, eps, training,
+                                         sdy, sdyx, coef, dgamma, dbeta);
         }
         if (dx) {
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
-            for (u = 0; u < t.units; ++u)
-                FN(bwd_dx_unit)(&t, s, dy, dys, x, xs, dx, dxs, u, coef, coef + C, b, c,
+            for (u = 0; u < tp.units; ++u)
+                FN(bwd_dx_unit)(&tp, s, dy, dys, x, xs, dx, dxs, u, coef, coef + C, b, c,
                                 &ex);
         }
     }
@@ -80,7 +87,7 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
     double *sums;
     BN_CT *coef;
     ptrdiff_t k, C = s.channels, cc, parts;
-    int nt, need_sums = training || dgamma || dbeta;
+    int nt, wide = 0, need_sums = training || dgamma || dbeta;
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (C == 0) return BN_OK;
     if (s.outer == 0 || s.inner == 0) {
@@ -105,10 +112,10 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
 #pragma omp parallel num_threads(nt)
 #endif
         FN(backward_chunks)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, dgamma,
-                            dbeta, cc, parts, sums, coef);
+                            dbeta, cc, parts, sums, coef, &wide);
     } else {
         FN(backward_chunks)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, dgamma,
-                            dbeta, cc, parts, sums, coef);
+                            dbeta, cc, parts, sums, coef, &wide);
     }
     free(sums), free(coef);
     return BN_OK;

@@ -44,6 +44,9 @@ typedef struct bn_tiling {
 } bn_tiling;
 
 bn_tiling bn_make_tiling(bn_shape s, ptrdiff_t c_begin, ptrdiff_t c_count);
+/* The tiling of an elementwise pass (normalize, dx): the same as bn_make_tiling for planar
+ * data; for interleaved data, units of whole rows of the range's channels. */
+bn_tiling bn_make_pass_tiling(bn_shape s, ptrdiff_t c_begin, ptrdiff_t c_count);
 /* Number of values that partial k of every channel covers. */
 double bn_part_count(const bn_tiling *t, bn_shape s, ptrdiff_t k);
 
@@ -80,6 +83,7 @@ int bn_shape_ok(bn_shape s);
 
 typedef struct bn_call {
     int stream;
+    const int *wide; /* channels of the current chunk that take the exact path (0: none) */
     const double *mean, *var, *gamma, *beta; /* per channel; gamma, beta may be NULL */
     double eps;
     /* training backward only: the sums of dy and dy * (x - mean) of the current chunk,

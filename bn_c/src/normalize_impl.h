@@ -10,17 +10,19 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     bn_call ex;
     bn_tiling t;
     ptrdiff_t u, C = s.channels;
-    int nt;
+    int nt, wide;
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (C == 0 || s.outer == 0 || s.inner == 0) return BN_OK;
     if (!x || !y) return BN_ERR_ARG;
     coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)C);
     if (!coef) return BN_ERR_NOMEM;
-    FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, coef, coef + C, coef + 2 * C);
+    wide = FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, coef, coef + C,
+                                   coef + 2 * C);
+    ex.wide = &wide;
     ex.stream = (double)(s.outer * C * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
     ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = beta, ex.eps = eps;
     ex.sdy = ex.sdyx = NULL, ex.c_begin = 0, ex.n = 0.0;
-    t = bn_make_tiling(s, 0, C);
+    t = bn_make_pass_tiling(s, 0, C);
     nt = bn_threads_for(s.outer * C * s.inner, t.units);
     if (nt > 1) {
 #ifdef _OPENMP
@@ -42,15 +44,17 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
 static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, bn_strides ys,
                              const double *gamma, const double *beta, double eps, double *mean,
                              double *var, ptrdiff_t cc, ptrdiff_t parts, double *scratch,
-                             BN_CT *coef)
+                             BN_CT *coef, int *wide)
 {
     ptrdiff_t c0, u, C = s.channels;
     bn_call ex;
+    ex.wide = wide; /* shared: written by the single thread that computes the coefficients */
     ex.stream = (double)(s.outer * C * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
     ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = beta, ex.eps = eps;
     ex.sdy = ex.sdyx = NULL, ex.c_begin = 0, ex.n = 0.0;
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
+        bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
@@ -61,14 +65,14 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
 #endif
         {
             bn_merge_moments(&t, s, scratch, scratch + cc * parts, mean + c0, var + c0);
-            FN(affine_coefficients)(c0, t.c_count, mean, var, gamma, beta, eps, coef, coef + C,
-                                    coef + 2 * C);
+            *wide = FN(affine_coefficients)(c0, t.c_count, mean, var, gamma, beta, eps, coef,
+                                            coef + C, coef + 2 * C);
         }
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
-        for (u = 0; u < t.units; ++u)
-            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C, &ex);
+        for (u = 0; u < tp.units; ++u)
+            FN(affine_unit)(&tp, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C, &ex);
     }
 }
 
@@ -82,7 +86,7 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
     ptrdiff_t C = s.channels, cc, parts, k;
     double *scratch;
     BN_CT *coef;
-    int nt;
+    int nt, wide = 0;
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (C == 0) return BN_OK;
     if (s.outer == 0 || s.inner == 0) {
@@ -103,9 +107,11 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
-        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, cc, parts, scratch, coef);
+        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, cc, parts, scratch, coef,
+                         &wide);
     } else {
-        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, cc, parts, scratch, coef);
+        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, cc, parts, scratch, coef,
+                         &wide);
     }
     free(scratch), free(coef);
     return BN_OK;

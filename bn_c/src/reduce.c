@@ -54,12 +54,15 @@ bn_tiling bn_make_tiling(bn_shape s, ptrdiff_t c_begin, ptrdiff_t c_count)
     t.planar = s.inner > 1;
     t.c_begin = c_begin, t.c_count = c_count;
     if (t.planar) {
+        /* A unit is a run of whole channels of one row where it can be (contiguous memory
+         * when the channels are; short inner runs one row apart are what the prefetchers
+         * cannot follow), then several rows of those channels. Row blocks follow from the
+         * whole shape, so a channel's pieces are the same for every channel range. */
+        ptrdiff_t cb_full;
         t.ib = min_p(s.inner, BN_UNIT_ELEMS);
-        t.ob = max_p(1, min_p(s.outer, BN_UNIT_ELEMS / t.ib));
-        /* channels smaller than a unit are grouped, so that units never get tiny */
-        t.cb = (t.ob == s.outer && t.ib == s.inner)
-                   ? max_p(1, min_p(c_count, BN_UNIT_ELEMS / max_p(1, s.outer * s.inner)))
-                   : 1;
+        cb_full = t.ib == s.inner ? max_p(1, BN_UNIT_ELEMS / t.ib) : 1;
+        t.ob = max_p(1, min_p(s.outer, BN_UNIT_ELEMS / (min_p(s.channels, cb_full) * t.ib)));
+        t.cb = max_p(1, min_p(c_count, cb_full));
         t.n_cb = ceil_div(c_count, t.cb);
     } else {
         /* Row blocks follow from the whole shape, so they are the same for every range. */
@@ -72,6 +75,20 @@ bn_tiling bn_make_tiling(bn_shape s, ptrdiff_t c_begin, ptrdiff_t c_count)
     t.n_ob = max_p(1, ceil_div(s.outer, t.ob));
     t.parts = t.n_ob * t.n_ib;
     t.units = t.parts * t.n_cb;
+    return t;
+}
+
+bn_tiling bn_make_pass_tiling(bn_shape s, ptrdiff_t c_begin, ptrdiff_t c_count)
+{
+    bn_tiling t = bn_make_tiling(s, c_begin, c_count);
+    if (!t.planar) {
+        /* no partial results to keep per channel: a unit is a block of rows over all the
+         * range's channels, one piece of memory when the channels are contiguous */
+        t.cb = max_p(1, c_count), t.n_cb = 1;
+        t.ob = max_p(1, min_p(s.outer, BN_UNIT_ELEMS / t.cb));
+        t.n_ob = max_p(1, ceil_div(s.outer, t.ob));
+        t.parts = t.n_ob, t.units = t.n_ob;
+    }
     return t;
 }
 

@@ -177,7 +177,8 @@ static inline void FN(run_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x,
         for (; i + BN_W <= n; i += BN_W)
             BN_VSTS(stream, dx + i,
                     BN_VFMA(va, BN_VLD(dy + i), BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), vb, vc)));
-        for (; i < n; ++i) BN_ST(dx + i, BN_SFMA(a, BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m, b, c)));
+        for (; i < n; ++i)
+            BN_ST(dx + i, BN_SFMA(a, BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m, b, c)));
 #endif
         for (; i < n; ++i) BN_ST(dx + i, a * BN_LD(dy + i) + ((BN_LD(x + i) - m) * b + c));
     } else {
@@ -221,7 +222,7 @@ static void FN(run_exact_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrd
     ptrdiff_t i;
     for (i = 0; i < n; ++i)
         BN_ST(dx + i * dxst, (BN_CT)bn_exact_dx(e, c, (double)BN_LD(dy + i * dyst),
-                                                (double)BN_LD(x + i * xst)));
+                                                x ? (double)BN_LD(x + i * xst) : 0.0));
 }
 
 /* y[j] = (x[j] - m[j]) * a[j] + b[j] */
@@ -322,7 +323,8 @@ static inline void FN(cols_dev_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows
             __m256d q2 = _mm256_loadu_pd(sdd + j + 8), q3 = _mm256_loadu_pd(sdd + j + 12);
             for (r = r0; r < r1; ++r) {
                 const BN_T *p = x + r * rs + j;
-                __m256d e0 = _mm256_sub_pd(BN_LOAD4D(p), m0), e1 = _mm256_sub_pd(BN_LOAD4D(p + 4), m1);
+                __m256d e0 = _mm256_sub_pd(BN_LOAD4D(p), m0);
+                __m256d e1 = _mm256_sub_pd(BN_LOAD4D(p + 4), m1);
                 __m256d e2 = _mm256_sub_pd(BN_LOAD4D(p + 8), m2);
                 __m256d e3 = _mm256_sub_pd(BN_LOAD4D(p + 12), m3);
                 s0 = _mm256_add_pd(s0, e0), q0 = _mm256_fmadd_pd(e0, e0, q0);

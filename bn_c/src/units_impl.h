@@ -53,18 +53,21 @@ static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
  * [c0, c0 + cc). m is the mean rounded to the compute type; the rounding is folded into b (in double),
  * so x - m is exact for x near the mean and the output keeps full precision even when the
  * mean is large next to the spread. */
-static inline void FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const double *mean,
+static inline int FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const double *mean,
                                            const double *var, const double *gamma,
                                            const double *beta, double eps, BN_CT *m, BN_CT *a,
                                            BN_CT *b)
 {
     ptrdiff_t c;
+    int wide = 0;
     for (c = c0; c < c0 + cc; ++c) {
         double scale = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps);
         m[c] = (BN_CT)mean[c];
         a[c] = (BN_CT)scale;
         b[c] = (BN_CT)((beta ? beta[c] : 0.0) + ((double)m[c] - mean[c]) * scale);
+        wide += !isfinite(m[c]) || !isfinite(a[c]) || !isfinite(b[c]);
     }
+    return wide;
 }
 
 /* Non-temporal stores are weakly ordered: fence them before the unit counts as done. */
@@ -77,7 +80,8 @@ static inline void FN(stream_fence)(int stream)
 #endif
 }
 
-/* A channel whose coefficients do not fit the compute type takes the exact path. */
+/* A channel whose coefficients do not fit the compute type takes the exact path (the
+ * coefficient passes count them, and units look only when there are some). */
 static inline int FN(wide)(const BN_CT *m, const BN_CT *a, const BN_CT *b, const BN_CT *c,
                            ptrdiff_t k)
 {
@@ -101,25 +105,24 @@ static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x
     bn_unit w = bn_unit_at(t, s, u);
     ptrdiff_t o, c, j, end;
     if (t->planar) {
-        for (c = w.c0; c < w.c0 + w.cn; ++c) {
-            int wide = FN(wide)(m, a, b, NULL, c);
-            for (o = w.o0; o < w.o0 + w.rows; ++o) {
-                if (wide)
+        /* row by row, so that a row's channels are walked in memory order */
+        for (o = w.o0; o < w.o0 + w.rows; ++o)
+            for (c = w.c0; c < w.c0 + w.cn; ++c) {
+                if (*e->wide && FN(wide)(m, a, b, NULL, c))
                     FN(run_exact_y)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
                                     ys.inner, w.len, e, c);
                 else
                     FN(run_affine)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
                                    ys.inner, w.len, m[c], a[c], b[c], e->stream);
             }
-        }
         FN(stream_fence)(e->stream);
         return;
     }
     /* interleaved: rows of w.cn channels, cut into runs of wide and ordinary channels (one
      * run, the whole row, unless some channel is wide) */
     for (j = 0; j < w.cn; j = end) {
-        int wide = FN(wide)(m, a, b, NULL, w.c0 + j);
-        end = FN(same_kind_end)(m, a, b, NULL, w.c0, j, w.cn);
+        int wide = *e->wide && FN(wide)(m, a, b, NULL, w.c0 + j);
+        end = *e->wide ? FN(same_kind_end)(m, a, b, NULL, w.c0, j, w.cn) : w.cn;
         for (c = w.c0 + j, o = w.o0; o < w.o0 + w.rows; ++o) {
             const BN_T *v = BN_AT(x, xs, o, c, 0);
             BN_T *r = BN_AT(y, ys, o, c, 0);
@@ -176,12 +179,13 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
     bn_unit w = bn_unit_at(t, s, u);
     ptrdiff_t o, k, j, end;
     if (t->planar) {
-        for (k = w.c0; k < w.c0 + w.cn; ++k) {
-            int wide = FN(wide)(m, a, b, c, k);
-            for (o = w.o0; o < w.o0 + w.rows; ++o) {
-                const BN_T *g = BN_AT(dy, dys, o, k, w.i0), *v = BN_AT(x, xs, o, k, w.i0);
+        for (o = w.o0; o < w.o0 + w.rows; ++o) /* row by row, as in affine_unit */
+            for (k = w.c0; k < w.c0 + w.cn; ++k) {
+                /* x may be NULL for frozen statistics without parameter gradients */
+                const BN_T *g = BN_AT(dy, dys, o, k, w.i0);
+                const BN_T *v = x ? BN_AT(x, xs, o, k, w.i0) : x;
                 BN_T *d = BN_AT(dx, dxs, o, k, w.i0);
-                if (wide)
+                if (*e->wide && FN(wide)(m, a, b, c, k))
                     FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, e, k);
                 else if (b)
                     FN(run_bwd_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, m[k], a[k],
@@ -189,20 +193,19 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
                 else
                     FN(run_scale)(g, dys.inner, d, dxs.inner, w.len, a[k], e->stream);
             }
-        }
         FN(stream_fence)(e->stream);
         return;
     }
     for (j = 0; j < w.cn; j = end) {
-        int wide = FN(wide)(m, a, b, c, w.c0 + j);
-        end = FN(same_kind_end)(m, a, b, c, w.c0, j, w.cn);
+        int wide = *e->wide && FN(wide)(m, a, b, c, w.c0 + j);
+        end = *e->wide ? FN(same_kind_end)(m, a, b, c, w.c0, j, w.cn) : w.cn;
         for (k = w.c0 + j, o = w.o0; o < w.o0 + w.rows; ++o) {
-            const BN_T *g = BN_AT(dy, dys, o, k, 0), *v = BN_AT(x, xs, o, k, 0);
+            const BN_T *g = BN_AT(dy, dys, o, k, 0), *v = x ? BN_AT(x, xs, o, k, 0) : x;
             BN_T *d = BN_AT(dx, dxs, o, k, 0);
             ptrdiff_t q;
             if (wide)
                 for (q = 0; q < end - j; ++q)
-                    FN(run_exact_dx)(g + q * dys.channel, 0, v + q * xs.channel, 0,
+                    FN(run_exact_dx)(g + q * dys.channel, 0, v ? v + q * xs.channel : v, 0,
                                      d + q * dxs.channel, 0, 1, e, k + q);
             else if (b)
                 FN(cols_bwd_dx)(g, dys.channel, v, xs.channel, d, dxs.channel, end - j, m + k,
