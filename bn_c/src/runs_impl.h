@@ -8,11 +8,6 @@
  * accumulators and the elementwise loops native-width vectors of the compute type. */
 #include "eltype.h"
 
-/* Rows that the channels-last passes take side by side (see cols_dev_rows). */
-#ifndef BN_ROW_BLOCK
-#define BN_ROW_BLOCK 8
-#endif
-
 #define FN(name) BN_CAT2(name, BN_TN)
 
 #if BN_SIMD && !defined(BN_HSUM4_DEFINED)
@@ -300,122 +295,15 @@ static inline void FN(cols_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrd
     }
 }
 
-/* The cols_* passes over `rows` rows (row strides xrs, yrs). With SIMD, contiguous channels
- * are taken 2 vectors at a time with their coefficients held in registers over
- * BN_ROW_BLOCK rows: one load per element instead of four (six for dx), the rows read side by
- * side. Same values as the row-by-row calls; a streamed output keeps the row-by-row path
- * (each row has its own alignment head). */
-#define BN_ROWS_SIMD(cst1, cst2, cst3) \
-    (BN_SIMD && (cst1) == 1 && (cst2) == 1 && (cst3) == 1 && !stream && cn >= 2 * BN_W)
-
-static inline void FN(cols_affine_rows)(const BN_T *x, ptrdiff_t xrs, ptrdiff_t xst, BN_T *y,
-                                        ptrdiff_t yrs, ptrdiff_t yst, ptrdiff_t rows,
-                                        ptrdiff_t cn, const BN_CT *m, const BN_CT *a,
-                                        const BN_CT *b, int stream)
-{
-    ptrdiff_t r = 0;
-#if BN_SIMD
-    if (BN_ROWS_SIMD(xst, yst, 1)) {
-        ptrdiff_t r1, q, j;
-        for (; r < rows; r = r1) {
-            r1 = r + BN_ROW_BLOCK < rows ? r + BN_ROW_BLOCK : rows;
-            for (j = 0; j + 2 * BN_W <= cn; j += 2 * BN_W) {
-                BN_V m0 = BN_VLDC(m + j), m1 = BN_VLDC(m + j + BN_W);
-                BN_V a0 = BN_VLDC(a + j), a1 = BN_VLDC(a + j + BN_W);
-                BN_V b0 = BN_VLDC(b + j), b1 = BN_VLDC(b + j + BN_W);
-                for (q = r; q < r1; ++q) {
-                    const BN_T *p = x + q * xrs + j;
-                    BN_T *d = y + q * yrs + j;
-                    BN_V y0 = BN_VFMA(BN_VSUB(BN_VLD(p), m0), a0, b0);
-                    BN_V y1 = BN_VFMA(BN_VSUB(BN_VLD(p + BN_W), m1), a1, b1);
-                    BN_VST(d, y0), BN_VST(d + BN_W, y1);
-                }
-            }
-            for (q = r; j < cn && q < r1; ++q)
-                FN(cols_affine)(x + q * xrs + j, 1, y + q * yrs + j, 1, cn - j, m + j, a + j,
-                                b + j, 0);
-        }
-        return;
-    }
-#endif
-    for (; r < rows; ++r)
-        FN(cols_affine)(x + r * xrs, xst, y + r * yrs, yst, cn, m, a, b, stream);
-}
-
-static inline void FN(cols_bwd_dx_rows)(const BN_T *dy, ptrdiff_t dyrs, ptrdiff_t dyst,
-                                        const BN_T *x, ptrdiff_t xrs, ptrdiff_t xst, BN_T *dx,
-                                        ptrdiff_t dxrs, ptrdiff_t dxst, ptrdiff_t rows,
-                                        ptrdiff_t cn, const BN_CT *m, const BN_CT *a,
-                                        const BN_CT *b, const BN_CT *c, int stream)
-{
-    ptrdiff_t r = 0;
-#if BN_SIMD
-    if (BN_ROWS_SIMD(dyst, xst, dxst)) {
-        ptrdiff_t r1, q, j;
-        for (; r < rows; r = r1) {
-            r1 = r + BN_ROW_BLOCK < rows ? r + BN_ROW_BLOCK : rows;
-            for (j = 0; j + 2 * BN_W <= cn; j += 2 * BN_W) {
-                BN_V m0 = BN_VLDC(m + j), m1 = BN_VLDC(m + j + BN_W);
-                BN_V a0 = BN_VLDC(a + j), a1 = BN_VLDC(a + j + BN_W);
-                BN_V b0 = BN_VLDC(b + j), b1 = BN_VLDC(b + j + BN_W);
-                BN_V c0 = BN_VLDC(c + j), c1 = BN_VLDC(c + j + BN_W);
-                for (q = r; q < r1; ++q) {
-                    const BN_T *g = dy + q * dyrs + j, *p = x + q * xrs + j;
-                    BN_T *d = dx + q * dxrs + j;
-                    BN_V d0 = BN_VFMA(a0, BN_VLD(g), BN_VFMA(BN_VSUB(BN_VLD(p), m0), b0, c0));
-                    BN_V d1 = BN_VFMA(a1, BN_VLD(g + BN_W),
-                                      BN_VFMA(BN_VSUB(BN_VLD(p + BN_W), m1), b1, c1));
-                    BN_VST(d, d0), BN_VST(d + BN_W, d1);
-                }
-            }
-            for (q = r; j < cn && q < r1; ++q)
-                FN(cols_bwd_dx)(dy + q * dyrs + j, 1, x + q * xrs + j, 1, dx + q * dxrs + j, 1,
-                                cn - j, m + j, a + j, b + j, c + j, 0);
-        }
-        return;
-    }
-#endif
-    for (; r < rows; ++r)
-        FN(cols_bwd_dx)(dy + r * dyrs, dyst, x + r * xrs, xst, dx + r * dxrs, dxst, cn, m, a, b,
-                        c, stream);
-}
-
-static inline void FN(cols_scale_rows)(const BN_T *dy, ptrdiff_t dyrs, ptrdiff_t dyst, BN_T *dx,
-                                       ptrdiff_t dxrs, ptrdiff_t dxst, ptrdiff_t rows,
-                                       ptrdiff_t cn, const BN_CT *a, int stream)
-{
-    ptrdiff_t r = 0;
-#if BN_SIMD
-    if (BN_ROWS_SIMD(dyst, dxst, 1)) {
-        ptrdiff_t r1, q, j;
-        for (; r < rows; r = r1) {
-            r1 = r + BN_ROW_BLOCK < rows ? r + BN_ROW_BLOCK : rows;
-            for (j = 0; j + 2 * BN_W <= cn; j += 2 * BN_W) {
-                BN_V a0 = BN_VLDC(a + j), a1 = BN_VLDC(a + j + BN_W);
-                for (q = r; q < r1; ++q) {
-                    const BN_T *g = dy + q * dyrs + j;
-                    BN_T *d = dx + q * dxrs + j;
-                    BN_V d0 = BN_VMUL(a0, BN_VLD(g)), d1 = BN_VMUL(a1, BN_VLD(g + BN_W));
-                    BN_VST(d, d0), BN_VST(d + BN_W, d1);
-                }
-            }
-            for (q = r; j < cn && q < r1; ++q)
-                FN(cols_scale)(dy + q * dyrs + j, 1, dx + q * dxrs + j, 1, cn - j, a + j, 0);
-        }
-        return;
-    }
-#endif
-    for (; r < rows; ++r)
-        FN(cols_scale)(dy + r * dyrs, dyst, dx + r * dxrs, dxst, cn, a, stream);
-}
-
 /* Reductions over `rows` rows (row stride rs) of cn channels (channel stride cst), one
  * accumulator per channel, rows in order. With SIMD, blocks of 16 contiguous channels keep
  * their accumulators in registers over BN_ROW_BLOCK rows, and the blocks go along the rows:
  * memory is read row by row, a few rows at a time, which the prefetchers follow (walking one
  * block down all the rows of a unit strides across pages and defeats them). The order per
  * channel is the same. */
-
+#ifndef BN_ROW_BLOCK
+#define BN_ROW_BLOCK 8
+#endif
 
 /* sd[j] += sum of d, sdd[j] += sum of d*d, d = x[r, j] - m[j] */
 static inline void FN(cols_dev_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, ptrdiff_t cst,

@@ -123,19 +123,16 @@ static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x
     for (j = 0; j < w.cn; j = end) {
         int wide = *e->wide && FN(wide)(m, a, b, NULL, w.c0 + j);
         end = *e->wide ? FN(same_kind_end)(m, a, b, NULL, w.c0, j, w.cn) : w.cn;
-        c = w.c0 + j;
-        if (!wide) {
-            FN(cols_affine_rows)(BN_AT(x, xs, w.o0, c, 0), xs.outer, xs.channel,
-                                 BN_AT(y, ys, w.o0, c, 0), ys.outer, ys.channel, w.rows,
-                                 end - j, m + c, a + c, b + c, e->stream);
-            continue;
-        }
-        for (o = w.o0; o < w.o0 + w.rows; ++o) {
+        for (c = w.c0 + j, o = w.o0; o < w.o0 + w.rows; ++o) {
             const BN_T *v = BN_AT(x, xs, o, c, 0);
             BN_T *r = BN_AT(y, ys, o, c, 0);
             ptrdiff_t q;
-            for (q = 0; q < end - j; ++q)
-                FN(run_exact_y)(v + q * xs.channel, 0, r + q * ys.channel, 0, 1, e, c + q);
+            if (wide)
+                for (q = 0; q < end - j; ++q)
+                    FN(run_exact_y)(v + q * xs.channel, 0, r + q * ys.channel, 0, 1, e, c + q);
+            else
+                FN(cols_affine)(v, xs.channel, r, ys.channel, end - j, m + c, a + c, b + c,
+                                e->stream);
         }
     }
     FN(stream_fence)(e->stream);
@@ -202,27 +199,19 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
     for (j = 0; j < w.cn; j = end) {
         int wide = *e->wide && FN(wide)(m, a, b, c, w.c0 + j);
         end = *e->wide ? FN(same_kind_end)(m, a, b, c, w.c0, j, w.cn) : w.cn;
-        k = w.c0 + j;
-        if (!wide && b) {
-            FN(cols_bwd_dx_rows)(BN_AT(dy, dys, w.o0, k, 0), dys.outer, dys.channel,
-                                 BN_AT(x, xs, w.o0, k, 0), xs.outer, xs.channel,
-                                 BN_AT(dx, dxs, w.o0, k, 0), dxs.outer, dxs.channel, w.rows,
-                                 end - j, m + k, a + k, b + k, c + k, e->stream);
-            continue;
-        }
-        if (!wide) {
-            FN(cols_scale_rows)(BN_AT(dy, dys, w.o0, k, 0), dys.outer, dys.channel,
-                                BN_AT(dx, dxs, w.o0, k, 0), dxs.outer, dxs.channel, w.rows,
-                                end - j, a + k, e->stream);
-            continue;
-        }
-        for (o = w.o0; o < w.o0 + w.rows; ++o) {
+        for (k = w.c0 + j, o = w.o0; o < w.o0 + w.rows; ++o) {
             const BN_T *g = BN_AT(dy, dys, o, k, 0), *v = x ? BN_AT(x, xs, o, k, 0) : x;
             BN_T *d = BN_AT(dx, dxs, o, k, 0);
             ptrdiff_t q;
-            for (q = 0; q < end - j; ++q)
-                FN(run_exact_dx)(g + q * dys.channel, 0, v ? v + q * xs.channel : v, 0,
-                                 d + q * dxs.channel, 0, 1, e, k + q);
+            if (wide)
+                for (q = 0; q < end - j; ++q)
+                    FN(run_exact_dx)(g + q * dys.channel, 0, v ? v + q * xs.channel : v, 0,
+                                     d + q * dxs.channel, 0, 1, e, k + q);
+            else if (b)
+                FN(cols_bwd_dx)(g, dys.channel, v, xs.channel, d, dxs.channel, end - j, m + k,
+                                a + k, b + k, c + k, e->stream);
+            else
+                FN(cols_scale)(g, dys.channel, d, dxs.channel, end - j, a + k, e->stream);
         }
     }
     FN(stream_fence)(e->stream);
