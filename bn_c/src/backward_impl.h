@@ -106,7 +106,8 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
         free(sums), free(coef);
         return BN_ERR_NOMEM;
     }
-    nt = bn_threads_for(s.outer * C * s.inner, bn_make_tiling(s, 0, cc).units);
+    nt = bn_threads_for(s.outer * C * s.inner, need_sums ? 1 + 1 + training : 1,
+                        bn_make_tiling(s, 0, cc).units);
     if (nt > 1) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)

@@ -61,8 +61,8 @@ void bn_merge_moments(const bn_tiling *t, bn_shape s, const double *pmean, const
 /* Plain sums of partials, channel by channel, parts in order. */
 void bn_merge_sums(const bn_tiling *t, const double *part, double *total);
 
-/* Threads to use for a problem of `elems` elements split in `units` units. */
-int bn_threads_for(ptrdiff_t elems, ptrdiff_t units);
+/* Threads to use for `passes` passes over `elems` elements split in `units` units. */
+int bn_threads_for(ptrdiff_t elems, int passes, ptrdiff_t units);
 
 int bn_shape_ok(bn_shape s);
 

@@ -23,7 +23,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = beta, ex.eps = eps;
     ex.sdy = ex.sdyx = NULL, ex.c_begin = 0, ex.n = 0.0;
     t = bn_make_pass_tiling(s, 0, C);
-    nt = bn_threads_for(s.outer * C * s.inner, t.units);
+    nt = bn_threads_for(s.outer * C * s.inner, 1, t.units);
     if (nt > 1) {
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic) num_threads(nt)
@@ -102,7 +102,7 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
         free(scratch), free(coef);
         return BN_ERR_NOMEM;
     }
-    nt = bn_threads_for(s.outer * C * s.inner, bn_make_tiling(s, 0, cc).units);
+    nt = bn_threads_for(s.outer * C * s.inner, 2, bn_make_tiling(s, 0, cc).units);
     if (nt > 1) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)

@@ -18,7 +18,7 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
     t = bn_make_tiling(s, 0, s.channels);
     scratch = (double *)malloc(sizeof(double) * 2 * (size_t)(s.channels * t.parts));
     if (!scratch) return BN_ERR_NOMEM;
-    nt = bn_threads_for(s.outer * s.channels * s.inner, t.units);
+    nt = bn_threads_for(s.outer * s.channels * s.inner, 1, t.units);
     if (nt > 1) {
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic) num_threads(nt)
