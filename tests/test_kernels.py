@@ -374,15 +374,24 @@ def test_cimport_from_other_cython_code(tmp_path):
 
 
 # Outputs of 16 MB or more are written with non-temporal stores (bn_c/src/internal.h,
-# BN_STREAM_MIN_BYTES); smaller ones with ordinary stores. Both must give the same bits.
-STREAM_CASES = [((2, 8, 512, 520), 1), ((2, 520, 512, 8), -1)]  # 17 MB of float32
+# BN_STREAM_MIN_BYTES) on runs that are long or aligned whole vectors; everything else with
+# ordinary stores. Both must give the same bits.
+STREAM_CASES = [((2, 8, 512, 520), 1), ((2, 520, 512, 8), -1), ((2, 150, 256, 56), -1)]
 
 
-@pytest.mark.parametrize("shape, axis", STREAM_CASES, ids=["nchw", "nhwc"])
+def _out_at(shape, offset_bytes):
+    """An uninitialised float32 array whose data starts offset_bytes past a 64-byte boundary."""
+    n = int(np.prod(shape))
+    buf = np.empty(n + 32, np.float32)
+    start = (-buf.ctypes.data % 64 + offset_bytes) // 4
+    return buf[start:start + n].reshape(shape)
+
+
+@pytest.mark.parametrize("shape, axis", STREAM_CASES, ids=["nchw", "nhwc-c8", "nhwc-c56"])
 def test_streamed_outputs_match_cached_ones(shape, axis, isa, threads):
-    """Elementwise passes give the same bits on a large output (streamed) as on each half
-    of it (too small to stream), also into a misaligned out= (an ordinary-store head before
-    the aligned streamed body), for 1 and 2 threads."""
+    """Elementwise passes give the same bits on a large output (streamed where the runs allow)
+    as on each half of it (too small to stream), into aligned and misaligned out= (heads
+    written with ordinary stores), for 1 and 2 threads."""
     rng = np.random.default_rng(30)
     x = (rng.normal(size=shape) + 2.0).astype(np.float32)
     dy = rng.normal(size=shape).astype(np.float32)
@@ -394,19 +403,19 @@ def test_streamed_outputs_match_cached_ones(shape, axis, isa, threads):
                                for k in range(2)])
     halves_dx = np.concatenate([bn.backward(dy[k:k + 1], x[k:k + 1], (mean, var), gamma,
                                             axis=axis, training=False)[0] for k in range(2)])
-    buf = np.empty(x.size + 1, np.float32)
-    out = buf[1:].reshape(shape)  # 4 bytes past an aligned address
-    for nthreads in (1, 2):
-        bn.set_num_threads(nthreads)
-        assert np.array_equal(bn.forward_eval(x, mean, var, gamma, beta, axis=axis), halves_y)
-        bn.forward_eval(x, mean, var, gamma, beta, axis=axis, out=out)
-        assert np.array_equal(out, halves_y)
-        dx = bn.backward(dy, x, (mean, var), gamma, axis=axis, training=False, out=out)[0]
-        assert np.array_equal(dx, halves_dx)
-        # training: the forward equals inference with the batch's own statistics, and the
-        # backward matches the float64 reference
-        y, st = bn.forward_train(x, gamma, beta, axis=axis, out=out)
-        assert np.array_equal(y, bn.forward_eval(x, st.mean, st.var, gamma, beta, axis=axis))
-        dx, _, _ = bn.backward(dy, x, st, gamma, axis=axis, out=out)
-        dx_ref, _, _ = ref.backward(dy, x, st, gamma, axis=axis)
-        assert np.abs(dx - dx_ref).max() < 1e-5 * np.abs(dx_ref).max()
+    for offset in (0, 4, 16):
+        out = _out_at(shape, offset)
+        for nthreads in (1, 2):
+            bn.set_num_threads(nthreads)
+            bn.forward_eval(x, mean, var, gamma, beta, axis=axis, out=out)
+            assert np.array_equal(out, halves_y)
+            dx = bn.backward(dy, x, (mean, var), gamma, axis=axis, training=False, out=out)[0]
+            assert np.array_equal(dx, halves_dx)
+            # training: the forward equals inference with the batch's own statistics, and the
+            # backward matches the float64 reference
+            y, st = bn.forward_train(x, gamma, beta, axis=axis, out=out)
+            assert np.array_equal(y, bn.forward_eval(x, st.mean, st.var, gamma, beta,
+                                                     axis=axis))
+            dx, _, _ = bn.backward(dy, x, st, gamma, axis=axis, out=out)
+            dx_ref, _, _ = ref.backward(dy, x, st, gamma, axis=axis)
+            assert np.abs(dx - dx_ref).max() < 1e-5 * np.abs(dx_ref).max()

@@ -70,6 +70,16 @@ static inline int FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const doub
     return wide;
 }
 
+/* Non-temporal stores only on runs written by them alone (aligned start, whole vectors) or of
+ * at least BN_STREAM_MIN_RUN bytes: the ordinary stores of a run's unaligned ends share cache
+ * lines with its streamed body, and a line written both ways is flushed part by part. On
+ * rows of 224 bytes (channels-last, C = 56) that made the backward 4x slower; on long runs
+ * it is one line in hundreds. */
+#define BN_STREAM_MIN_RUN 4096
+#define BN_STREAM_RUN(e, p, n)                                                                \
+    ((e)->stream && ((n) * (ptrdiff_t)sizeof(BN_T) >= BN_STREAM_MIN_RUN ||                     \
+                     (!BN_MISALIGNED(p) && (n) * sizeof(BN_T) % BN_VBYTES == 0)))
+
 /* Non-temporal stores are weakly ordered: fence them before the unit counts as done. */
 static inline void FN(stream_fence)(int stream)
 {
@@ -113,7 +123,8 @@ static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x
                                     ys.inner, w.len, e, c);
                 else
                     FN(run_affine)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
-                                   ys.inner, w.len, m[c], a[c], b[c], e->stream);
+                                   ys.inner, w.len, m[c], a[c], b[c],
+                                   BN_STREAM_RUN(e, BN_AT(y, ys, o, c, w.i0), w.len));
             }
         FN(stream_fence)(e->stream);
         return;
@@ -132,7 +143,7 @@ static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x
                     FN(run_exact_y)(v + q * xs.channel, 0, r + q * ys.channel, 0, 1, e, c + q);
             else
                 FN(cols_affine)(v, xs.channel, r, ys.channel, end - j, m + c, a + c, b + c,
-                                e->stream);
+                                BN_STREAM_RUN(e, r, end - j));
         }
     }
     FN(stream_fence)(e->stream);
@@ -189,9 +200,10 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
                     FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, e, k);
                 else if (b)
                     FN(run_bwd_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, m[k], a[k],
-                                   b[k], c[k], e->stream);
+                                   b[k], c[k], BN_STREAM_RUN(e, d, w.len));
                 else
-                    FN(run_scale)(g, dys.inner, d, dxs.inner, w.len, a[k], e->stream);
+                    FN(run_scale)(g, dys.inner, d, dxs.inner, w.len, a[k],
+                                  BN_STREAM_RUN(e, d, w.len));
             }
         FN(stream_fence)(e->stream);
         return;
@@ -209,9 +221,10 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
                                      d + q * dxs.channel, 0, 1, e, k + q);
             else if (b)
                 FN(cols_bwd_dx)(g, dys.channel, v, xs.channel, d, dxs.channel, end - j, m + k,
-                                a + k, b + k, c + k, e->stream);
+                                a + k, b + k, c + k, BN_STREAM_RUN(e, d, end - j));
             else
-                FN(cols_scale)(g, dys.channel, d, dxs.channel, end - j, a + k, e->stream);
+                FN(cols_scale)(g, dys.channel, d, dxs.channel, end - j, a + k,
+                               BN_STREAM_RUN(e, d, end - j));
         }
     }
     FN(stream_fence)(e->stream);
