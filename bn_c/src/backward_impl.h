@@ -1,10 +1,10 @@
 /* Gradients for element type BN_T. Included once per type by backward.c. */
 #include "units_impl.h"
 
-/* Coefficients of dx = a*dy + b*(x - m) + c for channels [c0, c0 + cc), and the parameter
- * gradients, from the per-channel sums of dy and dy*(x - mean). Returns how many channels
- * take the exact path. */
-static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t C, double n,
+/* Coefficients of dx = a*dy + b*(x - m) + c for channels [c0, c0 + cc), in arrays CS apart,
+ * and the parameter gradients, from the per-channel sums of dy and dy*(x - mean). Returns
+ * how many channels take the exact path. */
+static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t CS, double n,
                                  const double *mean, const double *var, const double *gamma,
                                  double eps, int training, const double *sdy,
                                  const double *sdyx, BN_CT *coef, double *dgamma, double *dbeta)
@@ -16,15 +16,15 @@ static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t C, double 
         if (dbeta) dbeta[k] = sdy[k - c0];
         if (dgamma) dgamma[k] = bn_dgamma(sdyx[k - c0], inv);
         coef[k] = (BN_CT)mean[k];
-        coef[C + k] = (BN_CT)a;
+        coef[CS + k] = (BN_CT)a;
         if (training) {
             /* dx = a*dy + b*(x - mean) + c, with the rounding of the mean folded into c */
             double b = -a * inv * inv * sdyx[k - c0] / n, c = -a * sdy[k - c0] / n;
-            coef[2 * C + k] = (BN_CT)b;
-            coef[3 * C + k] = (BN_CT)(c + b * ((double)coef[k] - mean[k]));
+            coef[2 * CS + k] = (BN_CT)b;
+            coef[3 * CS + k] = (BN_CT)(c + b * ((double)coef[k] - mean[k]));
         }
-        wide += FN(wide)(coef, coef + C, training ? coef + 2 * C : NULL,
-                         training ? coef + 3 * C : NULL, k);
+        wide += FN(wide)(coef, coef + CS, training ? coef + 2 * CS : NULL,
+                         training ? coef + 3 * CS : NULL, k);
     }
     return wide;
 }
@@ -37,11 +37,11 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
                                 int training, double *dgamma, double *dbeta, ptrdiff_t cc,
                                 ptrdiff_t parts, double *sums, BN_CT *coef, int *wide)
 {
-    ptrdiff_t C = s.channels, c0, u;
+    ptrdiff_t C = s.channels, CS = BN_COEF_STRIDE(C), c0, u;
     int need_sums = training || dgamma || dbeta;
     double n = (double)(s.outer * s.inner);
     double *psdy = sums, *psdyx = sums + cc * parts, *sdy = psdyx + cc * parts, *sdyx = sdy + cc;
-    const BN_CT *b = training ? coef + 2 * C : NULL, *c = training ? coef + 3 * C : NULL;
+    const BN_CT *b = training ? coef + 2 * CS : NULL, *c = training ? coef + 3 * CS : NULL;
     bn_call ex;
     ex.wide = wide; /* shared: written by the single thread that computes the coefficients */
     ex.stream = (double)(s.outer * C * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
@@ -63,15 +63,16 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
 #endif
         {
             if (need_sums) bn_merge_sums(&t, psdy, sdy), bn_merge_sums(&t, psdyx, sdyx);
-            *wide = FN(bwd_coefficients)(c0, t.c_count, C, n, mean, var, gamma, eps, training,
+            *wide = FN(bwd_coefficients)(c0, t.c_count, CS, n, mean, var, gamma, eps, training,
                                          sdy, sdyx, coef, dgamma, dbeta);
+            if (t.c_count == C) FN(wrap_coefficients)(coef, training ? 4 : 2, C);
         }
         if (dx) {
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
             for (u = 0; u < tp.units; ++u)
-                FN(bwd_dx_unit)(&tp, s, dy, dys, x, xs, dx, dxs, u, coef, coef + C, b, c,
+                FN(bwd_dx_unit)(&tp, s, dy, dys, x, xs, dx, dxs, u, coef, coef + CS, b, c,
                                 &ex);
         }
     }
@@ -101,7 +102,7 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
     cc = bn_chunk_channels(s, need_sums ? 2 : 1, sizeof(BN_CT));
     parts = bn_make_tiling(s, 0, cc).parts;
     sums = (double *)malloc(sizeof(double) * 2 * (size_t)(cc * parts + cc));
-    coef = (BN_CT *)malloc(sizeof(BN_CT) * 4 * (size_t)C);
+    coef = (BN_CT *)malloc(sizeof(BN_CT) * 4 * (size_t)BN_COEF_STRIDE(C));
     if (!sums || !coef) {
         free(sums), free(coef);
         return BN_ERR_NOMEM;

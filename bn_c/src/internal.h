@@ -61,6 +61,12 @@ void bn_merge_moments(const bn_tiling *t, bn_shape s, const double *pmean, const
 /* Plain sums of partials, channel by channel, parts in order. */
 void bn_merge_sums(const bn_tiling *t, const double *part, double *total);
 
+/* Per-channel coefficient arrays are laid out BN_COEF_STRIDE(C) apart: C values, then
+ * BN_COEF_WRAP more that repeat them (value k at k mod C), so that a vector of coefficients
+ * can be loaded at any channel of a flat channels-last run (see flat_affine). */
+#define BN_COEF_WRAP 16
+#define BN_COEF_STRIDE(C) ((C) + BN_COEF_WRAP)
+
 /* Threads to use for `passes` passes over `elems` elements split in `units` units. */
 int bn_threads_for(ptrdiff_t elems, int passes, ptrdiff_t units);
 

@@ -9,15 +9,16 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     BN_CT *coef;
     bn_call ex;
     bn_tiling t;
-    ptrdiff_t u, C = s.channels;
+    ptrdiff_t u, C = s.channels, CS = BN_COEF_STRIDE(C);
     int nt, wide;
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (C == 0 || s.outer == 0 || s.inner == 0) return BN_OK;
     if (!x || !y) return BN_ERR_ARG;
-    coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)C);
+    coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)CS);
     if (!coef) return BN_ERR_NOMEM;
-    wide = FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, coef, coef + C,
-                                   coef + 2 * C);
+    wide = FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, coef, coef + CS,
+                                   coef + 2 * CS);
+    FN(wrap_coefficients)(coef, 3, C);
     ex.wide = &wide;
     ex.stream = (double)(s.outer * C * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
     ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = beta, ex.eps = eps;
@@ -29,10 +30,10 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
 #pragma omp parallel for schedule(dynamic) num_threads(nt)
 #endif
         for (u = 0; u < t.units; ++u)
-            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C, &ex);
+            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + CS, coef + 2 * CS, &ex);
     } else {
         for (u = 0; u < t.units; ++u)
-            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C, &ex);
+            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + CS, coef + 2 * CS, &ex);
     }
     free(coef);
     return BN_OK;
@@ -46,7 +47,7 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
                              double *var, ptrdiff_t cc, ptrdiff_t parts, double *scratch,
                              BN_CT *coef, int *wide)
 {
-    ptrdiff_t c0, u, C = s.channels;
+    ptrdiff_t c0, u, C = s.channels, CS = BN_COEF_STRIDE(C);
     bn_call ex;
     ex.wide = wide; /* shared: written by the single thread that computes the coefficients */
     ex.stream = (double)(s.outer * C * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
@@ -66,13 +67,14 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
         {
             bn_merge_moments(&t, s, scratch, scratch + cc * parts, mean + c0, var + c0);
             *wide = FN(affine_coefficients)(c0, t.c_count, mean, var, gamma, beta, eps, coef,
-                                            coef + C, coef + 2 * C);
+                                            coef + CS, coef + 2 * CS);
+            if (t.c_count == C) FN(wrap_coefficients)(coef, 3, C);
         }
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
         for (u = 0; u < tp.units; ++u)
-            FN(affine_unit)(&tp, s, x, xs, y, ys, u, coef, coef + C, coef + 2 * C, &ex);
+            FN(affine_unit)(&tp, s, x, xs, y, ys, u, coef, coef + CS, coef + 2 * CS, &ex);
     }
 }
 
@@ -97,7 +99,7 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
     cc = bn_chunk_channels(s, 1, sizeof(BN_CT));
     parts = bn_make_tiling(s, 0, cc).parts;
     scratch = (double *)malloc(sizeof(double) * 2 * (size_t)(cc * parts));
-    coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)C);
+    coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)BN_COEF_STRIDE(C));
     if (!scratch || !coef) {
         free(scratch), free(coef);
         return BN_ERR_NOMEM;

@@ -206,6 +206,86 @@ static inline void FN(run_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrdi
     }
 }
 
+/* Fill the wrap-around of `arrays` coefficient arrays (see BN_COEF_STRIDE). */
+static inline void FN(wrap_coefficients)(BN_CT *coef, int arrays, ptrdiff_t C)
+{
+    ptrdiff_t CS = BN_COEF_STRIDE(C), k;
+    int j;
+    for (j = 0; j < arrays; ++j)
+        for (k = C; k < CS; ++k) coef[j * CS + k] = coef[j * CS + k % C];
+}
+
+/* Channels-last data whose rows are back to back (row stride C) is one flat run of n values
+ * starting at channel 0: element i belongs to channel i mod C. Taken as such, the run's
+ * vectors may straddle rows (the coefficients are read from the wrapped arrays), short rows
+ * cost no per-row overhead, and a streamed output has a single unaligned head. Same values as
+ * cols_affine / cols_bwd_dx / cols_scale row by row. */
+#ifndef BN_NEXT_CHANNEL_DEFINED
+#define BN_NEXT_CHANNEL_DEFINED
+/* The channel `step` (at most one vector) elements further on: no division in the loop. */
+static inline ptrdiff_t bn_next_channel(ptrdiff_t c, ptrdiff_t step, ptrdiff_t C)
+{
+    for (c += step; c >= C; c -= C) {}
+    return c;
+}
+#endif
+#define BN_NEXT_CHANNEL(c, step, C) ((c) = bn_next_channel((c), (step), (C)))
+
+static inline void FN(flat_affine)(const BN_T *x, BN_T *y, ptrdiff_t n, ptrdiff_t C,
+                                   const BN_CT *m, const BN_CT *a, const BN_CT *b, int stream)
+{
+    ptrdiff_t i = 0, c = 0;
+    (void)stream;
+#if BN_SIMD
+    stream = stream && BN_CAN_STREAM;
+    for (; stream && i < n && BN_MISALIGNED(y + i); ++i, BN_NEXT_CHANNEL(c, 1, C))
+        BN_ST(y + i, BN_SFMA(BN_LD(x + i) - m[c], a[c], b[c]));
+    for (; i + BN_W <= n; i += BN_W, BN_NEXT_CHANNEL(c, BN_W, C))
+        BN_VSTS(stream, y + i,
+                BN_VFMA(BN_VSUB(BN_VLD(x + i), BN_VLDC(m + c)), BN_VLDC(a + c), BN_VLDC(b + c)));
+    for (; i < n; ++i, BN_NEXT_CHANNEL(c, 1, C))
+        BN_ST(y + i, BN_SFMA(BN_LD(x + i) - m[c], a[c], b[c]));
+#endif
+    for (; i < n; ++i, BN_NEXT_CHANNEL(c, 1, C)) BN_ST(y + i, (BN_LD(x + i) - m[c]) * a[c] + b[c]);
+}
+
+static inline void FN(flat_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdiff_t n,
+                                   ptrdiff_t C, const BN_CT *m, const BN_CT *a, const BN_CT *b,
+                                   const BN_CT *c, int stream)
+{
+    ptrdiff_t i = 0, k = 0;
+    (void)stream;
+#if BN_SIMD
+    stream = stream && BN_CAN_STREAM;
+    for (; stream && i < n && BN_MISALIGNED(dx + i); ++i, BN_NEXT_CHANNEL(k, 1, C))
+        BN_ST(dx + i, BN_SFMA(a[k], BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m[k], b[k], c[k])));
+    for (; i + BN_W <= n; i += BN_W, BN_NEXT_CHANNEL(k, BN_W, C))
+        BN_VSTS(stream, dx + i,
+                BN_VFMA(BN_VLDC(a + k), BN_VLD(dy + i),
+                        BN_VFMA(BN_VSUB(BN_VLD(x + i), BN_VLDC(m + k)), BN_VLDC(b + k),
+                                BN_VLDC(c + k))));
+    for (; i < n; ++i, BN_NEXT_CHANNEL(k, 1, C))
+        BN_ST(dx + i, BN_SFMA(a[k], BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m[k], b[k], c[k])));
+#endif
+    for (; i < n; ++i, BN_NEXT_CHANNEL(k, 1, C))
+        BN_ST(dx + i, a[k] * BN_LD(dy + i) + ((BN_LD(x + i) - m[k]) * b[k] + c[k]));
+}
+
+static inline void FN(flat_scale)(const BN_T *dy, BN_T *dx, ptrdiff_t n, ptrdiff_t C,
+                                  const BN_CT *a, int stream)
+{
+    ptrdiff_t i = 0, k = 0;
+    (void)stream;
+#if BN_SIMD
+    stream = stream && BN_CAN_STREAM;
+    for (; stream && i < n && BN_MISALIGNED(dx + i); ++i, BN_NEXT_CHANNEL(k, 1, C))
+        BN_ST(dx + i, a[k] * BN_LD(dy + i));
+    for (; i + BN_W <= n; i += BN_W, BN_NEXT_CHANNEL(k, BN_W, C))
+        BN_VSTS(stream, dx + i, BN_VMUL(BN_VLDC(a + k), BN_VLD(dy + i)));
+#endif
+    for (; i < n; ++i, BN_NEXT_CHANNEL(k, 1, C)) BN_ST(dx + i, a[k] * BN_LD(dy + i));
+}
+
 /* The exact path of a wide channel c (see bn_call in internal.h), element by element. */
 static void FN(run_exact_y)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst, ptrdiff_t n,
                             const bn_call *e, ptrdiff_t c)

@@ -80,6 +80,14 @@ static inline int FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const doub
     ((e)->stream && ((n) * (ptrdiff_t)sizeof(BN_T) >= BN_STREAM_MIN_RUN ||                     \
                      (!BN_MISALIGNED(p) && (n) * sizeof(BN_T) % BN_VBYTES == 0)))
 
+/* Whether the units of an interleaved tiling are flat runs of an array with strides st: the
+ * tiling covers all channels and the rows are back to back (see flat_affine). */
+static inline int FN(flat_rows)(const bn_tiling *t, bn_shape s, bn_strides st)
+{
+    return t->c_begin == 0 && t->c_count == s.channels && st.channel == 1 &&
+           st.outer == s.channels;
+}
+
 /* Non-temporal stores are weakly ordered: fence them before the unit counts as done. */
 static inline void FN(stream_fence)(int stream)
 {
@@ -126,6 +134,14 @@ static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x
                                    ys.inner, w.len, m[c], a[c], b[c],
                                    BN_STREAM_RUN(e, BN_AT(y, ys, o, c, w.i0), w.len));
             }
+        FN(stream_fence)(e->stream);
+        return;
+    }
+    if (!*e->wide && FN(flat_rows)(t, s, xs) && FN(flat_rows)(t, s, ys)) {
+        ptrdiff_t n = w.rows * s.channels;
+        const BN_T *v = BN_AT(x, xs, w.o0, 0, 0);
+        BN_T *r = BN_AT(y, ys, w.o0, 0, 0);
+        FN(flat_affine)(v, r, n, s.channels, m, a, b, BN_STREAM_RUN(e, r, n));
         FN(stream_fence)(e->stream);
         return;
     }
@@ -205,6 +221,19 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
                     FN(run_scale)(g, dys.inner, d, dxs.inner, w.len, a[k],
                                   BN_STREAM_RUN(e, d, w.len));
             }
+        FN(stream_fence)(e->stream);
+        return;
+    }
+    if (!*e->wide && FN(flat_rows)(t, s, dys) && FN(flat_rows)(t, s, dxs) &&
+        (!b || FN(flat_rows)(t, s, xs))) {
+        ptrdiff_t n = w.rows * s.channels;
+        const BN_T *g = BN_AT(dy, dys, w.o0, 0, 0);
+        BN_T *d = BN_AT(dx, dxs, w.o0, 0, 0);
+        if (b)
+            FN(flat_bwd_dx)(g, BN_AT(x, xs, w.o0, 0, 0), d, n, s.channels, m, a, b, c,
+                            BN_STREAM_RUN(e, d, n));
+        else
+            FN(flat_scale)(g, d, n, s.channels, a, BN_STREAM_RUN(e, d, n));
         FN(stream_fence)(e->stream);
         return;
     }
