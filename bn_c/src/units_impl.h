@@ -81,15 +81,20 @@ static inline int FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const doub
                      (!BN_MISALIGNED(p) && (n) * sizeof(BN_T) % BN_VBYTES == 0)))
 
 /* Whether the units of an interleaved tiling are taken as flat runs of an array with strides
- * st: rows of at most one cache line, all channels in the tiling, rows back to back. Measured
- * (C harness, best of 400, 6.4 MB float32): with 8 or 16 channels the flat loop was faster
- * on 1 and 2 threads (eval 1.1-1.8x, backward 1.1-1.2x); from 32 channels up it was as often
- * slower as faster, and 25% slower on rows of 4 KB. */
+ * st: all channels in the tiling, rows back to back, and rows of at most one cache line, or
+ * of at most 1 KB when the output is streamed (a row loop streams only rows that start
+ * aligned). Measured (C harness, best of 400, 6.4 MB float32): with 8 or 16 channels the
+ * flat loop was faster on 1 and 2 threads (eval 1.1-1.8x, backward 1.1-1.2x); from 32
+ * channels up it was as often slower as faster, and 25% slower on rows of 4 KB; on a
+ * streamed 26 MB output with 64 channels it took the backward from ~2.0x to ~1.6x the add. */
 #define BN_FLAT_MAX_ROW_BYTES 64
-static inline int FN(flat_rows)(const bn_tiling *t, bn_shape s, bn_strides st)
+#define BN_FLAT_MAX_STREAMED_ROW_BYTES 1024
+static inline int FN(flat_rows)(const bn_tiling *t, bn_shape s, bn_strides st, int stream)
 {
-    return s.channels * (ptrdiff_t)sizeof(BN_T) <= BN_FLAT_MAX_ROW_BYTES && t->c_begin == 0 &&
-           t->c_count == s.channels && st.channel == 1 && st.outer == s.channels;
+    ptrdiff_t row = s.channels * (ptrdiff_t)sizeof(BN_T);
+    return (row <= BN_FLAT_MAX_ROW_BYTES || (stream && row <= BN_FLAT_MAX_STREAMED_ROW_BYTES)) &&
+           t->c_begin == 0 && t->c_count == s.channels && st.channel == 1 &&
+           st.outer == s.channels;
 }
 
 /* Non-temporal stores are weakly ordered: fence them before the unit counts as done. */
@@ -141,7 +146,7 @@ static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x
         FN(stream_fence)(e->stream);
         return;
     }
-    if (!*e->wide && FN(flat_rows)(t, s, xs) && FN(flat_rows)(t, s, ys)) {
+    if (!*e->wide && FN(flat_rows)(t, s, xs, e->stream) && FN(flat_rows)(t, s, ys, e->stream)) {
         ptrdiff_t n = w.rows * s.channels;
         const BN_T *v = BN_AT(x, xs, w.o0, 0, 0);
         BN_T *r = BN_AT(y, ys, w.o0, 0, 0);
@@ -228,8 +233,8 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
         FN(stream_fence)(e->stream);
         return;
     }
-    if (!*e->wide && FN(flat_rows)(t, s, dys) && FN(flat_rows)(t, s, dxs) &&
-        (!b || FN(flat_rows)(t, s, xs))) {
+    if (!*e->wide && FN(flat_rows)(t, s, dys, e->stream) &&
+        FN(flat_rows)(t, s, dxs, e->stream) && (!b || FN(flat_rows)(t, s, xs, e->stream))) {
         ptrdiff_t n = w.rows * s.channels;
         const BN_T *g = BN_AT(dy, dys, w.o0, 0, 0);
         BN_T *d = BN_AT(dx, dxs, w.o0, 0, 0);
