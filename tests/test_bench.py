@@ -250,10 +250,19 @@ def test_measure_interleaves_and_reports_failures():
     calls = []
     cands = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"),
              "bad": lambda: 1 / 0}
-    timings = _bench.measure(cands, repeat=3, min_sample=0.0)
+    timings = _bench.measure(cands, repeat=3, min_sample=0.0, settle=0.0)
     assert timings["bad"].error.startswith("ZeroDivisionError")
     assert not timings["bad"].samples
     assert len(timings["a"].samples) == 3 and len(timings["b"].samples) == 3
     assert timings["a"].number == 1
     # warm-up and calibration (2 calls each), then rounds that rotate the start
     assert calls[4:] == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_measure_settles_with_an_untimed_call_before_each_sample():
+    calls = []
+    cands = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    timings = _bench.measure(cands, repeat=2, min_sample=0.0, settle=1e-4)
+    assert len(timings["a"].samples) == 2
+    # after warm-up and calibration, each sample is one untimed call and the timed one
+    assert calls[4:] == ["a", "a", "b", "b", "b", "b", "a", "a"]
