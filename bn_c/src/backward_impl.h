@@ -42,11 +42,9 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
     double n = (double)(s.outer * s.inner);
     double *psdy = sums, *psdyx = sums + cc * parts, *sdy = psdyx + cc * parts, *sdyx = sdy + cc;
     const BN_CT *b = training ? coef + 2 * CS : NULL, *c = training ? coef + 3 * CS : NULL;
-    bn_call ex;
-    ex.wide = wide; /* shared: written by the single thread that computes the coefficients */
-    ex.stream = (double)(s.outer * C * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
-    ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = NULL, ex.eps = eps, ex.n = n;
-    ex.sdy = training ? sdy : NULL, ex.sdyx = sdyx;
+    /* wide is shared: written by the single thread that computes the coefficients */
+    bn_call ex = FN(call_of)(s, mean, var, gamma, NULL, eps, wide);
+    ex.sdy = training ? sdy : NULL, ex.sdyx = sdyx, ex.n = n;
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
         bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);

@@ -72,6 +72,9 @@ int bn_threads_for(ptrdiff_t elems, int passes, ptrdiff_t units);
 
 int bn_shape_ok(bn_shape s);
 
+/* Outputs of this many bytes or more are written with non-temporal stores (see bn_call). */
+#define BN_STREAM_MIN_BYTES ((double)(16 << 20))
+
 /* What the elementwise pass of one call needs besides its per-channel coefficients.
  *
  * stream: the output is large (BN_STREAM_MIN_BYTES or more), so it is written with
@@ -85,8 +88,6 @@ int bn_shape_ok(bn_shape s);
  * intermediate overflows spuriously, and x == mean gives beta (conventions.md: zero variance
  * gives beta exactly). Built once, without ISA flags, so every kernel set gives the same bits
  * there. */
-#define BN_STREAM_MIN_BYTES ((double)(16 << 20))
-
 typedef struct bn_call {
     int stream;
     const int *wide; /* channels of the current chunk that take the exact path (0: none) */

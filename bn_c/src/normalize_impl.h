@@ -19,10 +19,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     wide = FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, coef, coef + CS,
                                    coef + 2 * CS);
     FN(wrap_coefficients)(coef, 3, C);
-    ex.wide = &wide;
-    ex.stream = (double)(s.outer * C * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
-    ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = beta, ex.eps = eps;
-    ex.sdy = ex.sdyx = NULL, ex.c_begin = 0, ex.n = 0.0;
+    ex = FN(call_of)(s, mean, var, gamma, beta, eps, &wide);
     t = bn_make_pass_tiling(s, 0, C);
     nt = bn_threads_for(s.outer * C * s.inner, 1, t.units);
     if (nt > 1) {
@@ -48,11 +45,8 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
                              BN_CT *coef, int *wide)
 {
     ptrdiff_t c0, u, C = s.channels, CS = BN_COEF_STRIDE(C);
-    bn_call ex;
-    ex.wide = wide; /* shared: written by the single thread that computes the coefficients */
-    ex.stream = (double)(s.outer * C * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
-    ex.mean = mean, ex.var = var, ex.gamma = gamma, ex.beta = beta, ex.eps = eps;
-    ex.sdy = ex.sdyx = NULL, ex.c_begin = 0, ex.n = 0.0;
+    /* wide is shared: written by the single thread that computes the coefficients */
+    bn_call ex = FN(call_of)(s, mean, var, gamma, beta, eps, wide);
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
         bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);

@@ -220,15 +220,6 @@ static inline void FN(wrap_coefficients)(BN_CT *coef, int arrays, ptrdiff_t C)
  * vectors may straddle rows (the coefficients are read from the wrapped arrays), short rows
  * cost no per-row overhead, and a streamed output has a single unaligned head. Same values as
  * cols_affine / cols_bwd_dx / cols_scale row by row. */
-#ifndef BN_NEXT_CHANNEL_DEFINED
-#define BN_NEXT_CHANNEL_DEFINED
-/* The channel `step` (at most one vector) elements further on: no division in the loop. */
-static inline ptrdiff_t bn_next_channel(ptrdiff_t c, ptrdiff_t step, ptrdiff_t C)
-{
-    for (c += step; c >= C; c -= C) {}
-    return c;
-}
-#endif
 #define BN_NEXT_CHANNEL(c, step, C) ((c) = bn_next_channel((c), (step), (C)))
 
 static inline void FN(flat_affine)(const BN_T *x, BN_T *y, ptrdiff_t n, ptrdiff_t C,

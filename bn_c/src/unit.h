@@ -14,6 +14,14 @@ typedef struct bn_unit {
 
 static inline ptrdiff_t bn_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
 
+/* The channel `step` (at most one vector) elements further on in a flat channels-last run of
+ * C channels: no division in the loop. */
+static inline ptrdiff_t bn_next_channel(ptrdiff_t c, ptrdiff_t step, ptrdiff_t C)
+{
+    for (c += step; c >= C; c -= C) {}
+    return c;
+}
+
 static inline bn_unit bn_unit_at(const bn_tiling *t, bn_shape s, ptrdiff_t u)
 {
     bn_unit w;

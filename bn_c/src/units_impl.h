@@ -49,6 +49,29 @@ static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
     }
 }
 
+/* A channel whose coefficients do not fit the compute type takes the exact path (the
+ * coefficient passes count them, and units look only when there are some). */
+static inline int FN(wide)(const BN_CT *m, const BN_CT *a, const BN_CT *b, const BN_CT *c,
+                           ptrdiff_t k)
+{
+    return !isfinite(m[k]) || !isfinite(a[k]) || (b && !isfinite(b[k])) ||
+           (c && !isfinite(c[k]));
+}
+
+/* The per-call context of the elementwise passes (see bn_call); the training backward adds
+ * its sums. */
+static inline bn_call FN(call_of)(bn_shape s, const double *mean, const double *var,
+                                  const double *gamma, const double *beta, double eps,
+                                  const int *wide)
+{
+    bn_call e;
+    e.stream = (double)(s.outer * s.channels * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
+    e.wide = wide;
+    e.mean = mean, e.var = var, e.gamma = gamma, e.beta = beta, e.eps = eps;
+    e.sdy = e.sdyx = NULL, e.c_begin = 0, e.n = 0.0;
+    return e;
+}
+
 /* Per-channel coefficients of y = (x - m) * a + b in the storage type, for channels
  * [c0, c0 + cc). m is the mean rounded to the compute type; the rounding is folded into b (in double),
  * so x - m is exact for x near the mean and the output keeps full precision even when the
@@ -65,7 +88,7 @@ static inline int FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const doub
         m[c] = (BN_CT)mean[c];
         a[c] = (BN_CT)scale;
         b[c] = (BN_CT)((beta ? beta[c] : 0.0) + ((double)m[c] - mean[c]) * scale);
-        wide += !isfinite(m[c]) || !isfinite(a[c]) || !isfinite(b[c]);
+        wide += FN(wide)(m, a, b, NULL, c);
     }
     return wide;
 }
@@ -105,14 +128,6 @@ static inline void FN(stream_fence)(int stream)
 #else
     (void)stream;
 #endif
-}
-
-/* A channel whose coefficients do not fit the compute type takes the exact path (the
- * coefficient passes count them, and units look only when there are some). */
-static inline int FN(wide)(const BN_CT *m, const BN_CT *a, const BN_CT *b, const BN_CT *c,
-                           ptrdiff_t k)
-{
-    return !isfinite(m[k]) || !isfinite(a[k]) || (b && !isfinite(b[k])) || (c && !isfinite(c[k]));
 }
 
 /* End of the run of channels [j, cn) of one kind (wide or not) that starts at j. */
