@@ -35,12 +35,12 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
                                 bn_strides xs, BN_T *dx, bn_strides dxs, const double *mean,
                                 const double *var, const double *gamma, double eps,
                                 int training, double *dgamma, double *dbeta, ptrdiff_t cc,
-                                ptrdiff_t parts, double *sums, BN_CT *coef, int *wide)
+                                ptrdiff_t size, double *sums, BN_CT *coef, int *wide)
 {
     ptrdiff_t C = s.channels, CS = BN_COEF_STRIDE(C), c0, u;
     int need_sums = training || dgamma || dbeta;
     double n = (double)(s.outer * s.inner);
-    double *psdy = sums, *psdyx = sums + cc * parts, *sdy = psdyx + cc * parts, *sdyx = sdy + cc;
+    double *psdy = sums, *psdyx = sums + size, *sdy = psdyx + size, *sdyx = sdy + cc;
     const BN_CT *b = training ? coef + 2 * CS : NULL, *c = training ? coef + 3 * CS : NULL;
     /* wide is shared: written by the single thread that computes the coefficients */
     bn_call ex = FN(call_of)(s, mean, var, gamma, NULL, eps, wide);
@@ -85,7 +85,7 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
 {
     double *sums;
     BN_CT *coef;
-    ptrdiff_t k, C = s.channels, cc, parts;
+    ptrdiff_t k, C = s.channels, cc, size;
     int nt, wide = 0, need_sums = training || dgamma || dbeta;
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (C == 0) return BN_OK;
@@ -98,11 +98,12 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
     }
     if (!dy || (need_sums && !x)) return BN_ERR_ARG;
     cc = bn_chunk_channels(s, need_sums ? 2 : 1, sizeof(BN_CT));
-    parts = bn_make_tiling(s, 0, cc).parts;
-    sums = (double *)malloc(sizeof(double) * 2 * (size_t)(cc * parts + cc));
+    /* partials of the largest chunk (every chunk has as many parts), then the chunk's sums */
+    size = bn_make_tiling(s, 0, cc).parts * BN_PART_STRIDE(cc);
+    sums = (double *)bn_alloc_aligned(sizeof(double) * 2 * (size_t)(size + cc));
     coef = (BN_CT *)malloc(sizeof(BN_CT) * 4 * (size_t)BN_COEF_STRIDE(C));
     if (!sums || !coef) {
-        free(sums), free(coef);
+        bn_free_aligned(sums), free(coef);
         return BN_ERR_NOMEM;
     }
     nt = bn_threads_for(s.outer * C * s.inner, need_sums ? 1 + 1 + training : 1,
@@ -112,12 +113,12 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
 #pragma omp parallel num_threads(nt)
 #endif
         FN(backward_chunks)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, dgamma,
-                            dbeta, cc, parts, sums, coef, &wide);
+                            dbeta, cc, size, sums, coef, &wide);
     } else {
         FN(backward_chunks)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, dgamma,
-                            dbeta, cc, parts, sums, coef, &wide);
+                            dbeta, cc, size, sums, coef, &wide);
     }
-    free(sums), free(coef);
+    bn_free_aligned(sums), free(coef);
     return BN_OK;
 }
 

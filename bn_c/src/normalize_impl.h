@@ -41,7 +41,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
  * serially with no OpenMP overhead. */
 static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, bn_strides ys,
                              const double *gamma, const double *beta, double eps, double *mean,
-                             double *var, ptrdiff_t cc, ptrdiff_t parts, double *scratch,
+                             double *var, ptrdiff_t cc, ptrdiff_t size, double *scratch,
                              BN_CT *coef, int *wide)
 {
     ptrdiff_t c0, u, C = s.channels, CS = BN_COEF_STRIDE(C);
@@ -54,12 +54,12 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
 #pragma omp for schedule(dynamic)
 #endif
         for (u = 0; u < t.units; ++u)
-            FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + cc * parts);
+            FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
 #ifdef _OPENMP
 #pragma omp single
 #endif
         {
-            bn_merge_moments(&t, s, scratch, scratch + cc * parts, mean + c0, var + c0);
+            bn_merge_moments(&t, s, scratch, scratch + size, mean + c0, var + c0);
             *wide = FN(affine_coefficients)(c0, t.c_count, mean, var, gamma, beta, eps, coef,
                                             coef + CS, coef + 2 * CS);
             if (t.c_count == C) FN(wrap_coefficients)(coef, 3, C);
@@ -79,7 +79,7 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
                                        bn_strides ys, const double *gamma, const double *beta,
                                        double eps, double *mean, double *var)
 {
-    ptrdiff_t C = s.channels, cc, parts, k;
+    ptrdiff_t C = s.channels, cc, size, k;
     double *scratch;
     BN_CT *coef;
     int nt, wide = 0;
@@ -91,11 +91,12 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
     }
     if (!x || !y) return BN_ERR_ARG;
     cc = bn_chunk_channels(s, 1, sizeof(BN_CT));
-    parts = bn_make_tiling(s, 0, cc).parts;
-    scratch = (double *)malloc(sizeof(double) * 2 * (size_t)(cc * parts));
+    /* partials of the largest chunk; every chunk has as many parts */
+    size = bn_make_tiling(s, 0, cc).parts * BN_PART_STRIDE(cc);
+    scratch = (double *)bn_alloc_aligned(sizeof(double) * 2 * (size_t)size);
     coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)BN_COEF_STRIDE(C));
     if (!scratch || !coef) {
-        free(scratch), free(coef);
+        bn_free_aligned(scratch), free(coef);
         return BN_ERR_NOMEM;
     }
     nt = bn_threads_for(s.outer * C * s.inner, 2, bn_make_tiling(s, 0, cc).units);
@@ -103,13 +104,13 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
-        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, cc, parts, scratch, coef,
+        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, cc, size, scratch, coef,
                          &wide);
     } else {
-        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, cc, parts, scratch, coef,
+        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, cc, size, scratch, coef,
                          &wide);
     }
-    free(scratch), free(coef);
+    bn_free_aligned(scratch), free(coef);
     return BN_OK;
 }
 

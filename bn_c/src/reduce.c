@@ -2,6 +2,9 @@
 #include "internal.h"
 
 #include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -45,6 +48,27 @@ int bn_threads_for(ptrdiff_t elems, int passes, ptrdiff_t units)
     if ((double)elems * passes < BN_PARALLEL_MIN_WORK) return 1;
     if (units < n) n = (int)units;
     return n < 1 ? 1 : n;
+}
+
+/* The block malloc returned is kept just before the aligned pointer. */
+#define BN_LINE 64
+
+void *bn_alloc_aligned(size_t bytes)
+{
+    unsigned char *raw = (unsigned char *)malloc(bytes + BN_LINE + sizeof(void *)), *p;
+    if (!raw) return NULL;
+    p = raw + sizeof(void *);
+    p += (BN_LINE - (uintptr_t)p % BN_LINE) % BN_LINE;
+    memcpy(p - sizeof(void *), &raw, sizeof raw);
+    return p;
+}
+
+void bn_free_aligned(void *p)
+{
+    void *raw;
+    if (!p) return;
+    memcpy(&raw, (unsigned char *)p - sizeof raw, sizeof raw);
+    free(raw);
 }
 
 int bn_shape_ok(bn_shape s) { return s.outer >= 0 && s.channels >= 0 && s.inner >= 0; }
@@ -134,23 +158,23 @@ double bn_part_count(const bn_tiling *t, bn_shape s, ptrdiff_t k)
 void bn_merge_moments(const bn_tiling *t, bn_shape s, const double *pmean, const double *pm2,
                       double *mean, double *var)
 {
-    ptrdiff_t c0, j, k, P = t->parts;
+    ptrdiff_t c0, j, k, P = t->parts, S = BN_PART_STRIDE(t->c_count);
     for (c0 = 0; c0 < t->c_count; c0 += BN_MERGE_BLOCK) {
         ptrdiff_t nc = min_p(BN_MERGE_BLOCK, t->c_count - c0);
-        const double *pm = pmean + c0 * P, *p2 = pm2 + c0 * P;
+        const double *pm = pmean + c0, *p2 = pm2 + c0;
         double n = 0.0, m[BN_MERGE_BLOCK], m2[BN_MERGE_BLOCK];
         for (k = 0; k < P; ++k) {
             double nb = bn_part_count(t, s, k);
             if (nb == 0.0) continue;
             if (n == 0.0) {
-                for (j = 0; j < nc; ++j) m[j] = pm[j * P + k], m2[j] = p2[j * P + k];
+                for (j = 0; j < nc; ++j) m[j] = pm[k * S + j], m2[j] = p2[k * S + j];
                 n = nb;
             } else {
                 double nab = n + nb, w1 = nb / nab, w2 = n * nb / nab;
                 for (j = 0; j < nc; ++j) {
-                    double delta = pm[j * P + k] - m[j];
+                    double delta = pm[k * S + j] - m[j];
                     m[j] += delta * w1;
-                    m2[j] += p2[j * P + k] + delta * delta * w2;
+                    m2[j] += p2[k * S + j] + delta * delta * w2;
                 }
                 n = nab;
             }
@@ -166,13 +190,13 @@ void bn_merge_moments(const bn_tiling *t, bn_shape s, const double *pmean, const
 
 void bn_merge_sums(const bn_tiling *t, const double *part, double *total)
 {
-    ptrdiff_t c0, j, k, P = t->parts;
+    ptrdiff_t c0, j, k, P = t->parts, S = BN_PART_STRIDE(t->c_count);
     for (c0 = 0; c0 < t->c_count; c0 += BN_MERGE_BLOCK) {
         ptrdiff_t nc = min_p(BN_MERGE_BLOCK, t->c_count - c0);
         double acc[BN_MERGE_BLOCK];
         for (j = 0; j < nc; ++j) acc[j] = 0.0;
         for (k = 0; k < P; ++k)
-            for (j = 0; j < nc; ++j) acc[j] += part[(c0 + j) * P + k];
+            for (j = 0; j < nc; ++j) acc[j] += part[k * S + c0 + j];
         for (j = 0; j < nc; ++j) total[c0 + j] = acc[j];
     }
 }

@@ -6,7 +6,7 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
 {
     bn_tiling t;
     double *scratch;
-    ptrdiff_t u, c;
+    ptrdiff_t u, c, size;
     int nt;
     if (!bn_shape_ok(s) || (s.channels > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (s.channels == 0) return BN_OK;
@@ -16,7 +16,8 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
     }
     if (!x) return BN_ERR_ARG;
     t = bn_make_tiling(s, 0, s.channels);
-    scratch = (double *)malloc(sizeof(double) * 2 * (size_t)(s.channels * t.parts));
+    size = t.parts * BN_PART_STRIDE(s.channels);
+    scratch = (double *)bn_alloc_aligned(sizeof(double) * 2 * (size_t)size);
     if (!scratch) return BN_ERR_NOMEM;
     nt = bn_threads_for(s.outer * s.channels * s.inner, 1, t.units);
     if (nt > 1) {
@@ -24,13 +25,13 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
 #pragma omp parallel for schedule(dynamic) num_threads(nt)
 #endif
         for (u = 0; u < t.units; ++u)
-            FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + s.channels * t.parts);
+            FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
     } else {
         for (u = 0; u < t.units; ++u)
-            FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + s.channels * t.parts);
+            FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
     }
-    bn_merge_moments(&t, s, scratch, scratch + s.channels * t.parts, mean, var);
-    free(scratch);
+    bn_merge_moments(&t, s, scratch, scratch + size, mean, var);
+    bn_free_aligned(scratch);
     return BN_OK;
 }
 

@@ -9,7 +9,7 @@ typedef struct bn_unit {
     ptrdiff_t o0, rows; /* outer rows [o0, o0 + rows) */
     ptrdiff_t i0, len;  /* inner run [i0, i0 + len) */
     ptrdiff_t k;        /* index of this unit's partial result within each channel */
-    ptrdiff_t slot;     /* where channel c0's partial k goes: (c0 - c_begin) * parts + k */
+    ptrdiff_t slot;     /* where channel c0's partial k goes (BN_PART_STRIDE); c0 + j's is slot + j */
 } bn_unit;
 
 static inline ptrdiff_t bn_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
@@ -36,7 +36,7 @@ static inline bn_unit bn_unit_at(const bn_tiling *t, bn_shape s, ptrdiff_t u)
         w.c0 = (u % t->n_cb) * t->cb, w.cn = bn_min(t->cb, t->c_count - w.c0);
         w.c0 += t->c_begin;
     }
-    w.slot = (w.c0 - t->c_begin) * t->parts + w.k;
+    w.slot = w.k * BN_PART_STRIDE(t->c_count) + (w.c0 - t->c_begin);
     w.o0 = ob * t->ob, w.rows = bn_min(t->ob, s.outer - w.o0);
     w.i0 = ib * t->ib, w.len = bn_min(t->ib, s.inner - w.i0);
     return w;

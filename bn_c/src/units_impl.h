@@ -26,8 +26,8 @@ static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
                 FN(run_dev)(base, xs.outer, w.rows, w.len, xs.inner, k, &sd, &sdd);
                 m2 = sdd - sd * (sd / n);
             }
-            pmean[w.slot + j * t->parts] = k + sd / n;
-            pm2[w.slot + j * t->parts] = m2;
+            pmean[w.slot + j] = k + sd / n;
+            pm2[w.slot + j] = m2;
         }
     } else {
         double k[BN_MAX_CHANNEL_BLOCK], sd[BN_MAX_CHANNEL_BLOCK], sdd[BN_MAX_CHANNEL_BLOCK];
@@ -43,8 +43,8 @@ static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
             FN(cols_dev_rows)(base, xs.outer, w.rows, xs.channel, w.cn, k, sd, sdd);
         }
         for (j = 0; j < w.cn; ++j) {
-            pmean[w.slot + j * t->parts] = k[j] + sd[j] / n;
-            pm2[w.slot + j * t->parts] = sdd[j] - sd[j] * (sd[j] / n);
+            pmean[w.slot + j] = k[j] + sd[j] / n;
+            pm2[w.slot + j] = sdd[j] - sd[j] * (sd[j] / n);
         }
     }
 }
@@ -204,8 +204,8 @@ static inline void FN(bwd_sums_unit)(const bn_tiling *t, bn_shape s, const BN_T 
             FN(run_bwd_sums)(BN_AT(dy, dys, w.o0, c, w.i0), dys.outer, dys.inner,
                              BN_AT(x, xs, w.o0, c, w.i0), xs.outer, xs.inner, w.rows, w.len,
                              mean[c], &sdy, &sdyx);
-            psdy[w.slot + j * t->parts] = sdy;
-            psdyx[w.slot + j * t->parts] = sdyx;
+            psdy[w.slot + j] = sdy;
+            psdyx[w.slot + j] = sdyx;
         }
     } else {
         double sdy[BN_MAX_CHANNEL_BLOCK], sdyx[BN_MAX_CHANNEL_BLOCK];
@@ -214,8 +214,8 @@ static inline void FN(bwd_sums_unit)(const bn_tiling *t, bn_shape s, const BN_T 
                                BN_AT(x, xs, w.o0, w.c0, 0), xs.outer, xs.channel, w.rows, w.cn,
                                mean + w.c0, sdy, sdyx);
         for (j = 0; j < w.cn; ++j) {
-            psdy[w.slot + j * t->parts] = sdy[j];
-            psdyx[w.slot + j * t->parts] = sdyx[j];
+            psdy[w.slot + j] = sdy[j];
+            psdyx[w.slot + j] = sdyx[j];
         }
     }
 }
