@@ -68,6 +68,13 @@ def test_bench_prints_a_table_with_the_expected_columns(capsys):
     assert "median of 2 interleaved rounds" in out
 
 
+def test_times_keep_their_digits():
+    from batchnorm._bench import _fmt_ms
+    assert _fmt_ms(4.4e-7) == "0.00044"  # a tiny copy on a fast machine is not 0.000 ms
+    assert _fmt_ms(2.5e-5) == "0.025" and _fmt_ms(0.2) == "200.0"
+    assert _fmt_ms(float("nan")) == "-"
+
+
 def test_bench_without_torch_and_one_layout(capsys):
     argv = ["bench", "--shapes", "6x4x3x3,5x7", "--layout", "nhwc", "--ops", "train,backward",
             "--dtype", "float64", "--repeat", "1", "--no-torch", "--no-progress"]

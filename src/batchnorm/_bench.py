@@ -505,7 +505,9 @@ _IMPL_HEAD = {"batchnorm out=": "batchnorm out=", "batchnorm": "batchnorm (alloc
 def _fmt_ms(t: float) -> str:
     if not math.isfinite(t):
         return "-"
-    return f"{t * 1e3:.3f}" if t < 0.1 else f"{t * 1e3:.1f}"
+    ms = t * 1e3
+    # sub-microsecond times keep their digits (a fast machine copies a tiny shape in 0.4 us)
+    return f"{ms:.1f}" if ms >= 100 else f"{ms:.3f}" if ms >= 0.01 else f"{ms:.5f}"
 
 
 def _fmt_ratio(r: float) -> str:
