@@ -180,6 +180,49 @@ def test_results_are_bit_identical_for_any_thread_count(shape, axis, dtype, isa,
             assert np.array_equal(a, b), f"result {i} differs with {n} threads"
 
 
+# Shapes whose runs end in every kind of tail: planar runs (inner) of 1 to 100 elements, and
+# channels-last rows of 1 to 251 channels (flat runs, row loops, 512-channel blocks).
+SIMD_CASES = [((6, 5, 7, 7), 1), ((3, 4, 1, 17), 1), ((2, 3, 100), 1), ((2, 9, 15, 1), 1),
+              ((40, 3), 1), ((33, 17), 1), ((5, 6, 7, 33), -1), ((9, 251), 1), ((3, 700), 1),
+              ((64, 16), 1), ((2, 2, 130, 80), 1)]
+SIMD_ISAS = [name for name in _kernels.available_isas() if name not in ("baseline", "avx2")]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("name", SIMD_ISAS)
+def test_wider_simd_gives_the_same_bits_as_avx2(name, dtype):
+    """AVX-512 kernels (512-bit vectors, masked tails, 16 double accumulators in two
+    registers) give the bits of the AVX2 kernels: every lane does the same arithmetic. The
+    list is empty on CPUs without AVX-512."""
+    if dtype == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        dtype = ml_dtypes.bfloat16
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(44)
+    original = _kernels.active_isa()
+    try:
+        for shape, axis in SIMD_CASES:
+            x = make_x(rng, shape, axis, dtype)
+            dy = make_x(rng, shape, axis, dtype, loc=1.0)
+            c = shape[axis]
+            gamma, beta = make_params(rng, c)
+            mean, var = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+            results = {}
+            for isa in ("avx2", name):
+                _kernels.set_isa(isa)
+                st = bn.batch_stats(x, axis=axis)
+                y, st2 = bn.forward_train(x, gamma, beta, axis=axis)
+                ye = bn.forward_eval(x, mean, var, gamma, beta, axis=axis)
+                grads = bn.backward(dy, x, st, gamma, axis=axis)
+                frozen = bn.backward(dy, x, (mean, var), gamma, axis=axis, training=False)
+                results[isa] = [st.mean, st.var, y, st2.mean, ye, *grads, *frozen]
+            for i, (a, b) in enumerate(zip(results["avx2"], results[name])):
+                assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), (
+                    f"result {i} of {shape} axis={axis} differs between avx2 and {name}")
+    finally:
+        _kernels.set_isa(original)
+
+
 def test_num_threads_semantics(threads):
     bn.set_num_threads(None)
     default = bn.get_num_threads()
@@ -403,7 +446,7 @@ def test_streamed_outputs_match_cached_ones(shape, axis, isa, threads):
                                for k in range(2)])
     halves_dx = np.concatenate([bn.backward(dy[k:k + 1], x[k:k + 1], (mean, var), gamma,
                                             axis=axis, training=False)[0] for k in range(2)])
-    for offset in (0, 4, 16):
+    for offset in (0, 4, 16, 32):  # 32: aligned for 256-bit stores, not for 512-bit ones
         out = _out_at(shape, offset)
         for nthreads in (1, 2):
             bn.set_num_threads(nthreads)

@@ -8,6 +8,10 @@
  *   BN_LOAD4D(p)  4 elements widened to double, for the float64 accumulators,
  *   BN_VSTS(stream, p, v)  a store that is non-temporal when `stream` (p aligned to
  *   BN_VBYTES), BN_CAN_STREAM whether this type has such stores (float32, float64).
+ * With AVX-512 (BN_AVX512), float32 and float64 use 512-bit vectors, and BN_VMASK says that
+ * BN_VLD_N(p, r) / BN_VST_N(p, v, r) load and store the first r < BN_W lanes (masked tails);
+ * BN_LOAD8D(p) widens 8 elements of any type to a 512-bit double vector. Every lane computes
+ * what the scalar code computes, so the vector width never changes a result.
  * No include guard: included once per instantiation. */
 #include "half.h"
 
@@ -28,9 +32,15 @@
 #undef BN_VFMA
 #undef BN_LOAD4D
 #undef BN_SIMD
+#undef BN_AVX512
 #undef BN_VSTNT
 #undef BN_VSTS
 #undef BN_CAN_STREAM
+#undef BN_VBYTES
+#undef BN_VMASK
+#undef BN_VLD_N
+#undef BN_VST_N
+#undef BN_LOAD8D
 
 #if BN_KIND == BN_KIND_F64
 #define BN_T double
@@ -67,7 +77,49 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define BN_SIMD 1
 #include <immintrin.h>
-#if BN_KIND == BN_KIND_F64
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__)
+#define BN_AVX512 1
+#else
+#define BN_AVX512 0
+#endif
+#if BN_AVX512 && BN_KIND == BN_KIND_F64
+#define BN_V __m512d
+#define BN_W 8
+#define BN_VLD _mm512_loadu_pd
+#define BN_VST _mm512_storeu_pd
+#define BN_VLDC _mm512_loadu_pd
+#define BN_VSET1 _mm512_set1_pd
+#define BN_VSUB _mm512_sub_pd
+#define BN_VMUL _mm512_mul_pd
+#define BN_VFMA _mm512_fmadd_pd
+#define BN_LOAD4D(p) _mm256_loadu_pd(p)
+#define BN_LOAD8D(p) _mm512_loadu_pd(p)
+#define BN_VSTNT _mm512_stream_pd
+#define BN_CAN_STREAM 1
+#define BN_VBYTES 64
+#define BN_VMASK 1
+#define BN_VLD_N(p, r) _mm512_maskz_loadu_pd((__mmask8)((1u << (r)) - 1), p)
+#define BN_VST_N(p, v, r) _mm512_mask_storeu_pd(p, (__mmask8)((1u << (r)) - 1), v)
+#elif BN_AVX512 && BN_KIND == BN_KIND_F32
+#define BN_V __m512
+#define BN_W 16
+#define BN_VLD _mm512_loadu_ps
+#define BN_VST _mm512_storeu_ps
+#define BN_VLDC _mm512_loadu_ps
+#define BN_VSET1 _mm512_set1_ps
+#define BN_VSUB _mm512_sub_ps
+#define BN_VMUL _mm512_mul_ps
+#define BN_VFMA _mm512_fmadd_ps
+#define BN_LOAD4D(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#define BN_LOAD8D(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define BN_VSTNT _mm512_stream_ps
+#define BN_CAN_STREAM 1
+#define BN_VBYTES 64
+#define BN_VMASK 1
+#define BN_VLD_N(p, r) _mm512_maskz_loadu_ps((__mmask16)((1u << (r)) - 1), p)
+#define BN_VST_N(p, v, r) _mm512_mask_storeu_ps(p, (__mmask16)((1u << (r)) - 1), v)
+#elif BN_KIND == BN_KIND_F64
 #define BN_V __m256d
 #define BN_W 4
 #define BN_VLD _mm256_loadu_pd
@@ -98,10 +150,16 @@
 #define BN_VLD bn_load8_f16
 #define BN_VST bn_store8_f16
 #define BN_LOAD4D(p) _mm256_cvtps_pd(bn_load4_f16(p))
+#if BN_AVX512
+#define BN_LOAD8D(p) _mm512_cvtps_pd(bn_load8_f16(p))
+#endif
 #else
 #define BN_VLD bn_load8_bf16
 #define BN_VST bn_store8_bf16
 #define BN_LOAD4D(p) _mm256_cvtps_pd(bn_load4_bf16(p))
+#if BN_AVX512
+#define BN_LOAD8D(p) _mm512_cvtps_pd(bn_load8_bf16(p))
+#endif
 #endif
 #endif
 #ifndef BN_CAN_STREAM
@@ -111,8 +169,14 @@
 #define BN_VSTS(stream, p, v) ((stream) ? BN_VSTNT(p, v) : BN_VST(p, v))
 #else
 #define BN_SIMD 0
+#define BN_AVX512 0
 #define BN_CAN_STREAM 0
 #endif
 /* Bytes of one vector, the alignment non-temporal stores need. */
+#ifndef BN_VBYTES
 #define BN_VBYTES 32
+#endif
+#ifndef BN_VMASK
+#define BN_VMASK 0
+#endif
 #define BN_MISALIGNED(p) ((uintptr_t)(p) & (BN_VBYTES - 1))

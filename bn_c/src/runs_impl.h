@@ -4,18 +4,133 @@
  * "run" loops walk n elements of one channel (stride st) and reduce them to scalars.
  * "cols" loops walk a row across cn channels (stride st); "rows" variants walk many rows.
  * Accumulation is in double; the results depend only on the data, never on the threads.
- * With SIMD (AVX2+FMA) the reductions use 4-lane double vectors with independent
- * accumulators and the elementwise loops native-width vectors of the compute type. */
+ * With SIMD the reductions use sixteen double accumulators (bn_d16) and the elementwise loops
+ * native-width vectors of the compute type (512 bits for float32/float64 with AVX-512, with
+ * masked tails). AVX2 and AVX-512 give the same bits: the lanes do the same arithmetic. */
 #include "eltype.h"
 
 #define FN(name) BN_CAT2(name, BN_TN)
 
-#if BN_SIMD && !defined(BN_HSUM4_DEFINED)
-#define BN_HSUM4_DEFINED
-/* (v0 + v2) + (v1 + v3): a fixed order, so results are reproducible */
-static inline double bn_hsum4(__m256d v)
+#if BN_SIMD && !defined(BN_D16_DEFINED)
+#define BN_D16_DEFINED
+/* Sixteen double accumulators: lane k sums the elements k mod 16 of a run, or channel k of a
+ * block of 16. Four 256-bit vectors with AVX2, two 512-bit ones with AVX-512; each lane does
+ * the same operations in the same order either way, and bn_d16_hsum adds the lanes in one
+ * fixed order, so both give the same bits. */
+#if BN_AVX512
+typedef struct bn_d16 {
+    __m512d lo, hi; /* lanes 0-7, 8-15 */
+} bn_d16;
+static inline bn_d16 bn_d16_of(__m512d lo, __m512d hi)
 {
-    __m128d lo = _mm256_castpd256_pd128(v), hi = _mm256_extractf128_pd(v, 1);
+    bn_d16 r;
+    r.lo = lo, r.hi = hi;
+    return r;
+}
+static inline bn_d16 bn_d16_set1(double v) { return bn_d16_of(_mm512_set1_pd(v), _mm512_set1_pd(v)); }
+static inline bn_d16 bn_d16_loadu(const double *p)
+{
+    return bn_d16_of(_mm512_loadu_pd(p), _mm512_loadu_pd(p + 8));
+}
+static inline void bn_d16_storeu(double *p, bn_d16 v)
+{
+    _mm512_storeu_pd(p, v.lo), _mm512_storeu_pd(p + 8, v.hi);
+}
+static inline bn_d16 bn_d16_add(bn_d16 a, bn_d16 b)
+{
+    return bn_d16_of(_mm512_add_pd(a.lo, b.lo), _mm512_add_pd(a.hi, b.hi));
+}
+static inline bn_d16 bn_d16_sub(bn_d16 a, bn_d16 b)
+{
+    return bn_d16_of(_mm512_sub_pd(a.lo, b.lo), _mm512_sub_pd(a.hi, b.hi));
+}
+/* a * b + c */
+static inline bn_d16 bn_d16_fma(bn_d16 a, bn_d16 b, bn_d16 c)
+{
+    return bn_d16_of(_mm512_fmadd_pd(a.lo, b.lo, c.lo), _mm512_fmadd_pd(a.hi, b.hi, c.hi));
+}
+/* lanes 0-3 only (a run's tail of whole 4-vectors): acc += e, acc += e * f */
+static inline bn_d16 bn_d16_add4(bn_d16 acc, __m256d e)
+{
+    acc.lo = _mm512_mask_add_pd(acc.lo, 0x0F, acc.lo, _mm512_castpd256_pd512(e));
+    return acc;
+}
+static inline bn_d16 bn_d16_fma4(bn_d16 acc, __m256d e, __m256d f)
+{
+    acc.lo = _mm512_mask3_fmadd_pd(_mm512_castpd256_pd512(e), _mm512_castpd256_pd512(f), acc.lo,
+                                   0x0F);
+    return acc;
+}
+static inline __m256d bn_d16_quarter(bn_d16 v, int k)
+{
+    __m512d h = k < 2 ? v.lo : v.hi;
+    return k % 2 ? _mm512_extractf64x4_pd(h, 1) : _mm512_castpd512_pd256(h);
+}
+#define BN_LOAD16D(p) bn_d16_of(BN_LOAD8D(p), BN_LOAD8D((p) + 8))
+#else
+typedef struct bn_d16 {
+    __m256d q[4]; /* lanes 0-3, 4-7, 8-11, 12-15 */
+} bn_d16;
+static inline bn_d16 bn_d16_of(__m256d a, __m256d b, __m256d c, __m256d d)
+{
+    bn_d16 r;
+    r.q[0] = a, r.q[1] = b, r.q[2] = c, r.q[3] = d;
+    return r;
+}
+static inline bn_d16 bn_d16_set1(double v)
+{
+    __m256d a = _mm256_set1_pd(v);
+    return bn_d16_of(a, a, a, a);
+}
+static inline bn_d16 bn_d16_loadu(const double *p)
+{
+    return bn_d16_of(_mm256_loadu_pd(p), _mm256_loadu_pd(p + 4), _mm256_loadu_pd(p + 8),
+                     _mm256_loadu_pd(p + 12));
+}
+static inline void bn_d16_storeu(double *p, bn_d16 v)
+{
+    _mm256_storeu_pd(p, v.q[0]), _mm256_storeu_pd(p + 4, v.q[1]);
+    _mm256_storeu_pd(p + 8, v.q[2]), _mm256_storeu_pd(p + 12, v.q[3]);
+}
+static inline bn_d16 bn_d16_add(bn_d16 a, bn_d16 b)
+{
+    return bn_d16_of(_mm256_add_pd(a.q[0], b.q[0]), _mm256_add_pd(a.q[1], b.q[1]),
+                     _mm256_add_pd(a.q[2], b.q[2]), _mm256_add_pd(a.q[3], b.q[3]));
+}
+static inline bn_d16 bn_d16_sub(bn_d16 a, bn_d16 b)
+{
+    return bn_d16_of(_mm256_sub_pd(a.q[0], b.q[0]), _mm256_sub_pd(a.q[1], b.q[1]),
+                     _mm256_sub_pd(a.q[2], b.q[2]), _mm256_sub_pd(a.q[3], b.q[3]));
+}
+static inline bn_d16 bn_d16_fma(bn_d16 a, bn_d16 b, bn_d16 c)
+{
+    return bn_d16_of(_mm256_fmadd_pd(a.q[0], b.q[0], c.q[0]),
+                     _mm256_fmadd_pd(a.q[1], b.q[1], c.q[1]),
+                     _mm256_fmadd_pd(a.q[2], b.q[2], c.q[2]),
+                     _mm256_fmadd_pd(a.q[3], b.q[3], c.q[3]));
+}
+static inline bn_d16 bn_d16_add4(bn_d16 acc, __m256d e)
+{
+    acc.q[0] = _mm256_add_pd(acc.q[0], e);
+    return acc;
+}
+static inline bn_d16 bn_d16_fma4(bn_d16 acc, __m256d e, __m256d f)
+{
+    acc.q[0] = _mm256_fmadd_pd(e, f, acc.q[0]);
+    return acc;
+}
+static inline __m256d bn_d16_quarter(bn_d16 v, int k) { return v.q[k]; }
+#define BN_LOAD16D(p) \
+    bn_d16_of(BN_LOAD4D(p), BN_LOAD4D((p) + 4), BN_LOAD4D((p) + 8), BN_LOAD4D((p) + 12))
+#endif
+
+/* ((q0 + q1) + (q2 + q3)), then (v0 + v2) + (v1 + v3) of that: a fixed order, so results are
+ * reproducible */
+static inline double bn_d16_hsum(bn_d16 v)
+{
+    __m256d t = _mm256_add_pd(_mm256_add_pd(bn_d16_quarter(v, 0), bn_d16_quarter(v, 1)),
+                              _mm256_add_pd(bn_d16_quarter(v, 2), bn_d16_quarter(v, 3)));
+    __m128d lo = _mm256_castpd256_pd128(t), hi = _mm256_extractf128_pd(t, 1);
     __m128d s = _mm_add_pd(lo, hi);
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
@@ -32,8 +147,8 @@ static inline void FN(run_dev)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, ptrd
     double d0 = 0, d1 = 0, q0 = 0, q1 = 0;
     ptrdiff_t r, i;
 #if BN_SIMD
-    __m256d vm = _mm256_set1_pd(m), s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
-    __m256d p0 = s0, p1 = s0, p2 = s0, p3 = s0;
+    __m256d vm4 = _mm256_set1_pd(m);
+    bn_d16 vm = bn_d16_set1(m), vs = bn_d16_set1(0.0), vq = vs;
 #endif
     for (r = 0; r < rows; ++r) {
         const BN_T *p = x + r * rs;
@@ -41,18 +156,12 @@ static inline void FN(run_dev)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, ptrd
         if (st == 1) {
 #if BN_SIMD
             for (; i + 16 <= n; i += 16) {
-                __m256d e0 = _mm256_sub_pd(BN_LOAD4D(p + i), vm);
-                __m256d e1 = _mm256_sub_pd(BN_LOAD4D(p + i + 4), vm);
-                __m256d e2 = _mm256_sub_pd(BN_LOAD4D(p + i + 8), vm);
-                __m256d e3 = _mm256_sub_pd(BN_LOAD4D(p + i + 12), vm);
-                s0 = _mm256_add_pd(s0, e0), p0 = _mm256_fmadd_pd(e0, e0, p0);
-                s1 = _mm256_add_pd(s1, e1), p1 = _mm256_fmadd_pd(e1, e1, p1);
-                s2 = _mm256_add_pd(s2, e2), p2 = _mm256_fmadd_pd(e2, e2, p2);
-                s3 = _mm256_add_pd(s3, e3), p3 = _mm256_fmadd_pd(e3, e3, p3);
+                bn_d16 e = bn_d16_sub(BN_LOAD16D(p + i), vm);
+                vs = bn_d16_add(vs, e), vq = bn_d16_fma(e, e, vq);
             }
             for (; i + 4 <= n; i += 4) {
-                __m256d e0 = _mm256_sub_pd(BN_LOAD4D(p + i), vm);
-                s0 = _mm256_add_pd(s0, e0), p0 = _mm256_fmadd_pd(e0, e0, p0);
+                __m256d e0 = _mm256_sub_pd(BN_LOAD4D(p + i), vm4);
+                vs = bn_d16_add4(vs, e0), vq = bn_d16_fma4(vq, e0, e0);
             }
 #endif
             for (; i + 2 <= n; i += 2) {
@@ -71,8 +180,8 @@ static inline void FN(run_dev)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, ptrd
         }
     }
 #if BN_SIMD
-    d0 += bn_hsum4(_mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3)));
-    q0 += bn_hsum4(_mm256_add_pd(_mm256_add_pd(p0, p1), _mm256_add_pd(p2, p3)));
+    d0 += bn_d16_hsum(vs);
+    q0 += bn_d16_hsum(vq);
 #endif
     *sd += d0 + d1;
     *sdd += q0 + q1;
@@ -86,8 +195,8 @@ static inline void FN(run_bwd_sums)(const BN_T *dy, ptrdiff_t dyrs, ptrdiff_t dy
     double s0 = 0, s1 = 0, p0 = 0, p1 = 0;
     ptrdiff_t r, i;
 #if BN_SIMD
-    __m256d vm = _mm256_set1_pd(m), g0 = _mm256_setzero_pd(), g1 = g0, g2 = g0, g3 = g0;
-    __m256d h0 = g0, h1 = g0, h2 = g0, h3 = g0;
+    __m256d vm4 = _mm256_set1_pd(m);
+    bn_d16 vm = bn_d16_set1(m), vg = bn_d16_set1(0.0), vh = vg;
 #endif
     for (r = 0; r < rows; ++r) {
         const BN_T *pg = dy + r * dyrs, *px = x + r * xrs;
@@ -95,19 +204,14 @@ static inline void FN(run_bwd_sums)(const BN_T *dy, ptrdiff_t dyrs, ptrdiff_t dy
         if (dyst == 1 && xst == 1) {
 #if BN_SIMD
             for (; i + 16 <= n; i += 16) {
-                __m256d a = BN_LOAD4D(pg + i), b = BN_LOAD4D(pg + i + 4);
-                __m256d c = BN_LOAD4D(pg + i + 8), d = BN_LOAD4D(pg + i + 12);
-                g0 = _mm256_add_pd(g0, a), g1 = _mm256_add_pd(g1, b);
-                g2 = _mm256_add_pd(g2, c), g3 = _mm256_add_pd(g3, d);
-                h0 = _mm256_fmadd_pd(a, _mm256_sub_pd(BN_LOAD4D(px + i), vm), h0);
-                h1 = _mm256_fmadd_pd(b, _mm256_sub_pd(BN_LOAD4D(px + i + 4), vm), h1);
-                h2 = _mm256_fmadd_pd(c, _mm256_sub_pd(BN_LOAD4D(px + i + 8), vm), h2);
-                h3 = _mm256_fmadd_pd(d, _mm256_sub_pd(BN_LOAD4D(px + i + 12), vm), h3);
+                bn_d16 a = BN_LOAD16D(pg + i);
+                vg = bn_d16_add(vg, a);
+                vh = bn_d16_fma(a, bn_d16_sub(BN_LOAD16D(px + i), vm), vh);
             }
             for (; i + 4 <= n; i += 4) {
                 __m256d a = BN_LOAD4D(pg + i);
-                g0 = _mm256_add_pd(g0, a);
-                h0 = _mm256_fmadd_pd(a, _mm256_sub_pd(BN_LOAD4D(px + i), vm), h0);
+                vg = bn_d16_add4(vg, a);
+                vh = bn_d16_fma4(vh, a, _mm256_sub_pd(BN_LOAD4D(px + i), vm4));
             }
 #endif
             for (; i + 2 <= n; i += 2) {
@@ -127,8 +231,8 @@ static inline void FN(run_bwd_sums)(const BN_T *dy, ptrdiff_t dyrs, ptrdiff_t dy
         }
     }
 #if BN_SIMD
-    s0 += bn_hsum4(_mm256_add_pd(_mm256_add_pd(g0, g1), _mm256_add_pd(g2, g3)));
-    p0 += bn_hsum4(_mm256_add_pd(_mm256_add_pd(h0, h1), _mm256_add_pd(h2, h3)));
+    s0 += bn_d16_hsum(vg);
+    p0 += bn_d16_hsum(vh);
 #endif
     *sdy += s0 + s1;
     *sdyx += p0 + p1;
@@ -153,6 +257,10 @@ static inline void FN(run_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff
         }
         for (; i + BN_W <= n; i += BN_W)
             BN_VSTS(stream, y + i, BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), va, vb));
+#if BN_VMASK
+        if (i < n) BN_VST_N(y + i, BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), vm), va, vb), n - i);
+        i = n;
+#endif
         for (; i < n; ++i) BN_ST(y + i, BN_SFMA(BN_LD(x + i) - m, a, b));
 #endif
         for (; i < n; ++i) BN_ST(y + i, (BN_LD(x + i) - m) * a + b);
@@ -177,6 +285,14 @@ static inline void FN(run_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x,
         for (; i + BN_W <= n; i += BN_W)
             BN_VSTS(stream, dx + i,
                     BN_VFMA(va, BN_VLD(dy + i), BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), vb, vc)));
+#if BN_VMASK
+        if (i < n)
+            BN_VST_N(dx + i,
+                     BN_VFMA(va, BN_VLD_N(dy + i, n - i),
+                             BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), vm), vb, vc)),
+                     n - i);
+        i = n;
+#endif
         for (; i < n; ++i)
             BN_ST(dx + i, BN_SFMA(a, BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m, b, c)));
 #endif
@@ -199,6 +315,10 @@ static inline void FN(run_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrdi
         stream = stream && BN_CAN_STREAM;
         for (; stream && i < n && BN_MISALIGNED(dx + i); ++i) BN_ST(dx + i, a * BN_LD(dy + i));
         for (; i + BN_W <= n; i += BN_W) BN_VSTS(stream, dx + i, BN_VMUL(va, BN_VLD(dy + i)));
+#if BN_VMASK
+        if (i < n) BN_VST_N(dx + i, BN_VMUL(va, BN_VLD_N(dy + i, n - i)), n - i);
+        i = n;
+#endif
 #endif
         for (; i < n; ++i) BN_ST(dx + i, a * BN_LD(dy + i));
     } else {
@@ -234,6 +354,14 @@ static inline void FN(flat_affine)(const BN_T *x, BN_T *y, ptrdiff_t n, ptrdiff_
     for (; i + BN_W <= n; i += BN_W, BN_NEXT_CHANNEL(c, BN_W, C))
         BN_VSTS(stream, y + i,
                 BN_VFMA(BN_VSUB(BN_VLD(x + i), BN_VLDC(m + c)), BN_VLDC(a + c), BN_VLDC(b + c)));
+#if BN_VMASK /* the wrapped coefficient arrays hold a whole vector from any channel */
+    if (i < n)
+        BN_VST_N(y + i,
+                 BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), BN_VLDC(m + c)), BN_VLDC(a + c),
+                         BN_VLDC(b + c)),
+                 n - i);
+    i = n;
+#endif
     for (; i < n; ++i, BN_NEXT_CHANNEL(c, 1, C))
         BN_ST(y + i, BN_SFMA(BN_LD(x + i) - m[c], a[c], b[c]));
 #endif
@@ -255,6 +383,15 @@ static inline void FN(flat_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrd
                 BN_VFMA(BN_VLDC(a + k), BN_VLD(dy + i),
                         BN_VFMA(BN_VSUB(BN_VLD(x + i), BN_VLDC(m + k)), BN_VLDC(b + k),
                                 BN_VLDC(c + k))));
+#if BN_VMASK
+    if (i < n)
+        BN_VST_N(dx + i,
+                 BN_VFMA(BN_VLDC(a + k), BN_VLD_N(dy + i, n - i),
+                         BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), BN_VLDC(m + k)), BN_VLDC(b + k),
+                                 BN_VLDC(c + k))),
+                 n - i);
+    i = n;
+#endif
     for (; i < n; ++i, BN_NEXT_CHANNEL(k, 1, C))
         BN_ST(dx + i, BN_SFMA(a[k], BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m[k], b[k], c[k])));
 #endif
@@ -273,6 +410,10 @@ static inline void FN(flat_scale)(const BN_T *dy, BN_T *dx, ptrdiff_t n, ptrdiff
         BN_ST(dx + i, a[k] * BN_LD(dy + i));
     for (; i + BN_W <= n; i += BN_W, BN_NEXT_CHANNEL(k, BN_W, C))
         BN_VSTS(stream, dx + i, BN_VMUL(BN_VLDC(a + k), BN_VLD(dy + i)));
+#if BN_VMASK
+    if (i < n) BN_VST_N(dx + i, BN_VMUL(BN_VLDC(a + k), BN_VLD_N(dy + i, n - i)), n - i);
+    i = n;
+#endif
 #endif
     for (; i < n; ++i, BN_NEXT_CHANNEL(k, 1, C)) BN_ST(dx + i, a[k] * BN_LD(dy + i));
 }
@@ -311,6 +452,14 @@ static inline void FN(cols_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdif
         for (; j + BN_W <= cn; j += BN_W)
             BN_VSTS(stream, y + j, BN_VFMA(BN_VSUB(BN_VLD(x + j), BN_VLDC(m + j)), BN_VLDC(a + j),
                                            BN_VLDC(b + j)));
+#if BN_VMASK
+        if (j < cn) {
+            ptrdiff_t r = cn - j;
+            BN_VST_N(y + j, BN_VFMA(BN_VSUB(BN_VLD_N(x + j, r), BN_VLD_N(m + j, r)),
+                                    BN_VLD_N(a + j, r), BN_VLD_N(b + j, r)), r);
+        }
+        j = cn;
+#endif
         for (; j < cn; ++j) BN_ST(y + j, BN_SFMA(BN_LD(x + j) - m[j], a[j], b[j]));
 #endif
         for (; j < cn; ++j) BN_ST(y + j, (BN_LD(x + j) - m[j]) * a[j] + b[j]);
@@ -335,6 +484,15 @@ static inline void FN(cols_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x
             BN_VSTS(stream, dx + j, BN_VFMA(BN_VLDC(a + j), BN_VLD(dy + j),
                                             BN_VFMA(BN_VSUB(BN_VLD(x + j), BN_VLDC(m + j)),
                                                     BN_VLDC(b + j), BN_VLDC(c + j))));
+#if BN_VMASK
+        if (j < cn) {
+            ptrdiff_t r = cn - j;
+            BN_VST_N(dx + j, BN_VFMA(BN_VLD_N(a + j, r), BN_VLD_N(dy + j, r),
+                                     BN_VFMA(BN_VSUB(BN_VLD_N(x + j, r), BN_VLD_N(m + j, r)),
+                                             BN_VLD_N(b + j, r), BN_VLD_N(c + j, r))), r);
+        }
+        j = cn;
+#endif
         for (; j < cn; ++j)
             BN_ST(dx + j, BN_SFMA(a[j], BN_LD(dy + j), BN_SFMA(BN_LD(x + j) - m[j], b[j], c[j])));
 #endif
@@ -359,6 +517,13 @@ static inline void FN(cols_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrd
         for (; stream && j < cn && BN_MISALIGNED(dx + j); ++j) BN_ST(dx + j, a[j] * BN_LD(dy + j));
         for (; j + BN_W <= cn; j += BN_W)
             BN_VSTS(stream, dx + j, BN_VMUL(BN_VLDC(a + j), BN_VLD(dy + j)));
+#if BN_VMASK
+        if (j < cn) {
+            ptrdiff_t r = cn - j;
+            BN_VST_N(dx + j, BN_VMUL(BN_VLD_N(a + j, r), BN_VLD_N(dy + j, r)), r);
+        }
+        j = cn;
+#endif
 #endif
         for (; j < cn; ++j) BN_ST(dx + j, a[j] * BN_LD(dy + j));
     } else {
@@ -386,27 +551,12 @@ static inline void FN(cols_dev_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows
     for (r0 = 0; cst == 1 && r0 < rows; r0 = r1) {
         r1 = r0 + BN_ROW_BLOCK < rows ? r0 + BN_ROW_BLOCK : rows;
         for (j = 0; j + 16 <= cn; j += 16) {
-            __m256d m0 = _mm256_loadu_pd(m + j), m1 = _mm256_loadu_pd(m + j + 4);
-            __m256d m2 = _mm256_loadu_pd(m + j + 8), m3 = _mm256_loadu_pd(m + j + 12);
-            __m256d s0 = _mm256_loadu_pd(sd + j), s1 = _mm256_loadu_pd(sd + j + 4);
-            __m256d s2 = _mm256_loadu_pd(sd + j + 8), s3 = _mm256_loadu_pd(sd + j + 12);
-            __m256d q0 = _mm256_loadu_pd(sdd + j), q1 = _mm256_loadu_pd(sdd + j + 4);
-            __m256d q2 = _mm256_loadu_pd(sdd + j + 8), q3 = _mm256_loadu_pd(sdd + j + 12);
+            bn_d16 vm = bn_d16_loadu(m + j), vs = bn_d16_loadu(sd + j), vq = bn_d16_loadu(sdd + j);
             for (r = r0; r < r1; ++r) {
-                const BN_T *p = x + r * rs + j;
-                __m256d e0 = _mm256_sub_pd(BN_LOAD4D(p), m0);
-                __m256d e1 = _mm256_sub_pd(BN_LOAD4D(p + 4), m1);
-                __m256d e2 = _mm256_sub_pd(BN_LOAD4D(p + 8), m2);
-                __m256d e3 = _mm256_sub_pd(BN_LOAD4D(p + 12), m3);
-                s0 = _mm256_add_pd(s0, e0), q0 = _mm256_fmadd_pd(e0, e0, q0);
-                s1 = _mm256_add_pd(s1, e1), q1 = _mm256_fmadd_pd(e1, e1, q1);
-                s2 = _mm256_add_pd(s2, e2), q2 = _mm256_fmadd_pd(e2, e2, q2);
-                s3 = _mm256_add_pd(s3, e3), q3 = _mm256_fmadd_pd(e3, e3, q3);
+                bn_d16 e = bn_d16_sub(BN_LOAD16D(x + r * rs + j), vm);
+                vs = bn_d16_add(vs, e), vq = bn_d16_fma(e, e, vq);
             }
-            _mm256_storeu_pd(sd + j, s0), _mm256_storeu_pd(sd + j + 4, s1);
-            _mm256_storeu_pd(sd + j + 8, s2), _mm256_storeu_pd(sd + j + 12, s3);
-            _mm256_storeu_pd(sdd + j, q0), _mm256_storeu_pd(sdd + j + 4, q1);
-            _mm256_storeu_pd(sdd + j + 8, q2), _mm256_storeu_pd(sdd + j + 12, q3);
+            bn_d16_storeu(sd + j, vs), bn_d16_storeu(sdd + j, vq);
         }
     }
 #endif
@@ -432,27 +582,13 @@ static inline void FN(cols_bwd_sums_rows)(const BN_T *dy, ptrdiff_t dyrs, ptrdif
     for (r0 = 0; dycst == 1 && xcst == 1 && r0 < rows; r0 = r1) {
         r1 = r0 + BN_ROW_BLOCK < rows ? r0 + BN_ROW_BLOCK : rows;
         for (j = 0; j + 16 <= cn; j += 16) {
-            __m256d m0 = _mm256_loadu_pd(m + j), m1 = _mm256_loadu_pd(m + j + 4);
-            __m256d m2 = _mm256_loadu_pd(m + j + 8), m3 = _mm256_loadu_pd(m + j + 12);
-            __m256d g0 = _mm256_loadu_pd(sdy + j), g1 = _mm256_loadu_pd(sdy + j + 4);
-            __m256d g2 = _mm256_loadu_pd(sdy + j + 8), g3 = _mm256_loadu_pd(sdy + j + 12);
-            __m256d h0 = _mm256_loadu_pd(sdyx + j), h1 = _mm256_loadu_pd(sdyx + j + 4);
-            __m256d h2 = _mm256_loadu_pd(sdyx + j + 8), h3 = _mm256_loadu_pd(sdyx + j + 12);
+            bn_d16 vm = bn_d16_loadu(m + j), vg = bn_d16_loadu(sdy + j), vh = bn_d16_loadu(sdyx + j);
             for (r = r0; r < r1; ++r) {
-                const BN_T *pg = dy + r * dyrs + j, *px = x + r * xrs + j;
-                __m256d a0 = BN_LOAD4D(pg), a1 = BN_LOAD4D(pg + 4);
-                __m256d a2 = BN_LOAD4D(pg + 8), a3 = BN_LOAD4D(pg + 12);
-                g0 = _mm256_add_pd(g0, a0), g1 = _mm256_add_pd(g1, a1);
-                g2 = _mm256_add_pd(g2, a2), g3 = _mm256_add_pd(g3, a3);
-                h0 = _mm256_fmadd_pd(a0, _mm256_sub_pd(BN_LOAD4D(px), m0), h0);
-                h1 = _mm256_fmadd_pd(a1, _mm256_sub_pd(BN_LOAD4D(px + 4), m1), h1);
-                h2 = _mm256_fmadd_pd(a2, _mm256_sub_pd(BN_LOAD4D(px + 8), m2), h2);
-                h3 = _mm256_fmadd_pd(a3, _mm256_sub_pd(BN_LOAD4D(px + 12), m3), h3);
+                bn_d16 a = BN_LOAD16D(dy + r * dyrs + j);
+                vg = bn_d16_add(vg, a);
+                vh = bn_d16_fma(a, bn_d16_sub(BN_LOAD16D(x + r * xrs + j), vm), vh);
             }
-            _mm256_storeu_pd(sdy + j, g0), _mm256_storeu_pd(sdy + j + 4, g1);
-            _mm256_storeu_pd(sdy + j + 8, g2), _mm256_storeu_pd(sdy + j + 12, g3);
-            _mm256_storeu_pd(sdyx + j, h0), _mm256_storeu_pd(sdyx + j + 4, h1);
-            _mm256_storeu_pd(sdyx + j + 8, h2), _mm256_storeu_pd(sdyx + j + 12, h3);
+            bn_d16_storeu(sdy + j, vg), bn_d16_storeu(sdyx + j, vh);
         }
     }
 #endif
