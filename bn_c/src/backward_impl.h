@@ -37,17 +37,18 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
                                 int training, double *dgamma, double *dbeta, ptrdiff_t cc,
                                 ptrdiff_t size, double *sums, BN_CT *coef, int *wide)
 {
-    ptrdiff_t C = s.channels, CS = BN_COEF_STRIDE(C), c0, u;
+    ptrdiff_t C = s.channels, CS = BN_COEF_STRIDE(C), c0, u, bl;
     int need_sums = training || dgamma || dbeta;
     double n = (double)(s.outer * s.inner);
     double *psdy = sums, *psdyx = sums + size, *sdy = psdyx + size, *sdyx = sdy + cc;
     const BN_CT *b = training ? coef + 2 * CS : NULL, *c = training ? coef + 3 * CS : NULL;
-    /* wide is shared: written by the single thread that computes the coefficients */
+    /* wide is shared: counted by the threads that compute the coefficients */
     bn_call ex = FN(call_of)(s, mean, var, gamma, NULL, eps, wide);
     ex.sdy = training ? sdy : NULL, ex.sdyx = sdyx, ex.n = n;
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
         bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);
+        ptrdiff_t blocks = bn_merge_blocks(&t);
         ex.c_begin = c0;
         if (need_sums) {
 #ifdef _OPENMP
@@ -56,14 +57,23 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
             for (u = 0; u < t.units; ++u)
                 FN(bwd_sums_unit)(&t, s, dy, dys, x, xs, mean, u, psdy, psdyx);
         }
+        /* sums and coefficients, block by block of channels on all threads */
 #ifdef _OPENMP
-#pragma omp single
+#pragma omp for schedule(static)
 #endif
-        {
-            if (need_sums) bn_merge_sums(&t, psdy, sdy), bn_merge_sums(&t, psdyx, sdyx);
-            *wide = FN(bwd_coefficients)(c0, t.c_count, CS, n, mean, var, gamma, eps, training,
-                                         sdy, sdyx, coef, dgamma, dbeta);
-            if (t.c_count == C) FN(wrap_coefficients)(coef, training ? 4 : 2, C);
+        for (bl = 0; bl < blocks; ++bl) {
+            ptrdiff_t lo = bl * BN_MERGE_BLOCK, nc = bn_min(BN_MERGE_BLOCK, t.c_count - lo);
+            int w;
+            if (need_sums) bn_merge_sums(&t, psdy, sdy, bl), bn_merge_sums(&t, psdyx, sdyx, bl);
+            w = FN(bwd_coefficients)(c0 + lo, nc, CS, n, mean, var, gamma, eps, training,
+                                     sdy + lo, sdyx + lo, coef, dgamma, dbeta);
+            if (t.c_count == C) FN(wrap_channels)(coef, training ? 4 : 2, C, lo, nc);
+            if (w) {
+#ifdef _OPENMP
+#pragma omp atomic
+#endif
+                *wide += w; /* a count over all chunks so far: units then test each channel */
+            }
         }
         if (dx) {
 #ifdef _OPENMP

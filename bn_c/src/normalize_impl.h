@@ -18,7 +18,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     if (!coef) return BN_ERR_NOMEM;
     wide = FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, coef, coef + CS,
                                    coef + 2 * CS);
-    FN(wrap_coefficients)(coef, 3, C);
+    FN(wrap_channels)(coef, 3, C, 0, C);
     ex = FN(call_of)(s, mean, var, gamma, beta, eps, &wide);
     t = bn_make_pass_tiling(s, 0, C);
     nt = bn_threads_for(s.outer * C * s.inner, 1, t.units);
@@ -44,25 +44,35 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
                              double *var, ptrdiff_t cc, ptrdiff_t size, double *scratch,
                              BN_CT *coef, int *wide)
 {
-    ptrdiff_t c0, u, C = s.channels, CS = BN_COEF_STRIDE(C);
-    /* wide is shared: written by the single thread that computes the coefficients */
+    ptrdiff_t c0, u, b, C = s.channels, CS = BN_COEF_STRIDE(C);
+    /* wide is shared: counted by the threads that compute the coefficients */
     bn_call ex = FN(call_of)(s, mean, var, gamma, beta, eps, wide);
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
         bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);
+        ptrdiff_t blocks = bn_merge_blocks(&t);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
         for (u = 0; u < t.units; ++u)
             FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
+        /* merge and coefficients, block by block of channels on all threads */
 #ifdef _OPENMP
-#pragma omp single
+#pragma omp for schedule(static)
 #endif
-        {
-            bn_merge_moments(&t, s, scratch, scratch + size, mean + c0, var + c0);
-            *wide = FN(affine_coefficients)(c0, t.c_count, mean, var, gamma, beta, eps, coef,
-                                            coef + CS, coef + 2 * CS);
-            if (t.c_count == C) FN(wrap_coefficients)(coef, 3, C);
+        for (b = 0; b < blocks; ++b) {
+            ptrdiff_t lo = b * BN_MERGE_BLOCK, n = bn_min(BN_MERGE_BLOCK, t.c_count - lo);
+            int w;
+            bn_merge_moments(&t, s, scratch, scratch + size, mean + c0, var + c0, b);
+            w = FN(affine_coefficients)(c0 + lo, n, mean, var, gamma, beta, eps, coef, coef + CS,
+                                        coef + 2 * CS);
+            if (t.c_count == C) FN(wrap_channels)(coef, 3, C, lo, n);
+            if (w) {
+#ifdef _OPENMP
+#pragma omp atomic
+#endif
+                *wide += w; /* a count over all chunks so far: units then test each channel */
+            }
         }
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)

@@ -326,13 +326,16 @@ static inline void FN(run_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrdi
     }
 }
 
-/* Fill the wrap-around of `arrays` coefficient arrays (see BN_COEF_STRIDE). */
-static inline void FN(wrap_coefficients)(BN_CT *coef, int arrays, ptrdiff_t C)
+/* Fill the wrap-around of `arrays` coefficient arrays (see BN_COEF_STRIDE) that repeats
+ * channels [c0, c0 + n). */
+static inline void FN(wrap_channels)(BN_CT *coef, int arrays, ptrdiff_t C, ptrdiff_t c0,
+                                     ptrdiff_t n)
 {
-    ptrdiff_t CS = BN_COEF_STRIDE(C), k;
+    ptrdiff_t CS = BN_COEF_STRIDE(C), c, k;
     int j;
     for (j = 0; j < arrays; ++j)
-        for (k = C; k < CS; ++k) coef[j * CS + k] = coef[j * CS + k % C];
+        for (c = c0; c < c0 + n; ++c)
+            for (k = c + C; k < CS; k += C) coef[j * CS + k] = coef[j * CS + c];
 }
 
 /* Channels-last data whose rows are back to back (row stride C) is one flat run of n values

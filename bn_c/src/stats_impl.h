@@ -6,7 +6,7 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
 {
     bn_tiling t;
     double *scratch;
-    ptrdiff_t u, c, size;
+    ptrdiff_t u, b, c, size, blocks;
     int nt;
     if (!bn_shape_ok(s) || (s.channels > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (s.channels == 0) return BN_OK;
@@ -19,18 +19,30 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
     size = t.parts * BN_PART_STRIDE(s.channels);
     scratch = (double *)bn_alloc_aligned(sizeof(double) * 2 * (size_t)size);
     if (!scratch) return BN_ERR_NOMEM;
+    blocks = bn_merge_blocks(&t);
     nt = bn_threads_for(s.outer * s.channels * s.inner, 1, t.units);
     if (nt > 1) {
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic) num_threads(nt)
+#pragma omp parallel num_threads(nt)
 #endif
-        for (u = 0; u < t.units; ++u)
-            FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
+        {
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic)
+#endif
+            for (u = 0; u < t.units; ++u)
+                FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (b = 0; b < blocks; ++b)
+                bn_merge_moments(&t, s, scratch, scratch + size, mean, var, b);
+        }
     } else {
         for (u = 0; u < t.units; ++u)
             FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
+        for (b = 0; b < blocks; ++b)
+            bn_merge_moments(&t, s, scratch, scratch + size, mean, var, b);
     }
-    bn_merge_moments(&t, s, scratch, scratch + size, mean, var);
     bn_free_aligned(scratch);
     return BN_OK;
 }
