@@ -19,6 +19,12 @@
 #ifndef BN_PARALLEL_MIN_WORK
 #define BN_PARALLEL_MIN_WORK 65536
 #endif
+/* Elements per thread below which more threads stop paying: measured on a 16-core Xeon
+ * (float32, (256, 1024)), inference, training forward and backward all ran fastest on 8
+ * threads (32768 elements each) and 15-40% slower on 16. */
+#ifndef BN_MIN_ELEMS_PER_THREAD
+#define BN_MIN_ELEMS_PER_THREAD 32768
+#endif
 
 static int requested_threads = 0; /* 0: OpenMP's default */
 
@@ -45,7 +51,9 @@ int bn_has_openmp(void)
 int bn_threads_for(ptrdiff_t elems, int passes, ptrdiff_t units)
 {
     int n = bn_get_num_threads();
+    ptrdiff_t most = elems / BN_MIN_ELEMS_PER_THREAD;
     if ((double)elems * passes < BN_PARALLEL_MIN_WORK) return 1;
+    if (most < n) n = most < 2 ? 2 : (int)most;
     if (units < n) n = (int)units;
     return n < 1 ? 1 : n;
 }
