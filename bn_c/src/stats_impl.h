@@ -1,12 +1,29 @@
 /* Batch statistics for element type BN_T. Included once per type by stats.c. */
 #include "units_impl.h"
 
+/* The reductions, then the merge, of one call. Their worksharing constructs bind to the
+ * caller's team, as in train_chunks: inside a parallel region the threads share each loop,
+ * outside it they run serially. */
+static void FN(stats_passes)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
+                             double *scratch, ptrdiff_t size, double *mean, double *var)
+{
+    ptrdiff_t u, b, blocks = bn_merge_blocks(t);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic)
+#endif
+    for (u = 0; u < t->units; ++u) FN(stats_unit)(t, s, x, xs, u, scratch, scratch + size);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (b = 0; b < blocks; ++b) bn_merge_moments(t, s, scratch, scratch + size, mean, var, b);
+}
+
 int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double *mean,
                                double *var)
 {
     bn_tiling t;
     double *scratch;
-    ptrdiff_t u, b, c, size, blocks;
+    ptrdiff_t c, size;
     int nt;
     if (!bn_shape_ok(s) || (s.channels > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (s.channels == 0) return BN_OK;
@@ -19,29 +36,14 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
     size = t.parts * BN_PART_STRIDE(s.channels);
     scratch = (double *)bn_alloc_aligned(sizeof(double) * 2 * (size_t)size);
     if (!scratch) return BN_ERR_NOMEM;
-    blocks = bn_merge_blocks(&t);
     nt = bn_threads_for(s.outer * s.channels * s.inner, 1, t.units);
     if (nt > 1) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
-        {
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic)
-#endif
-            for (u = 0; u < t.units; ++u)
-                FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (b = 0; b < blocks; ++b)
-                bn_merge_moments(&t, s, scratch, scratch + size, mean, var, b);
-        }
+        FN(stats_passes)(&t, s, x, xs, scratch, size, mean, var);
     } else {
-        for (u = 0; u < t.units; ++u)
-            FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
-        for (b = 0; b < blocks; ++b)
-            bn_merge_moments(&t, s, scratch, scratch + size, mean, var, b);
+        FN(stats_passes)(&t, s, x, xs, scratch, size, mean, var);
     }
     bn_free_aligned(scratch);
     return BN_OK;
