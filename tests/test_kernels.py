@@ -199,28 +199,24 @@ def test_wider_simd_gives_the_same_bits_as_avx2(name, dtype):
         dtype = ml_dtypes.bfloat16
     dtype = np.dtype(dtype)
     rng = np.random.default_rng(44)
-    original = _kernels.active_isa()
-    try:
-        for shape, axis in SIMD_CASES:
-            x = make_x(rng, shape, axis, dtype)
-            dy = make_x(rng, shape, axis, dtype, loc=1.0)
-            c = shape[axis]
-            gamma, beta = make_params(rng, c)
-            mean, var = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
-            results = {}
-            for isa in ("avx2", name):
-                _kernels.set_isa(isa)
-                st = bn.batch_stats(x, axis=axis)
-                y, st2 = bn.forward_train(x, gamma, beta, axis=axis)
-                ye = bn.forward_eval(x, mean, var, gamma, beta, axis=axis)
-                grads = bn.backward(dy, x, st, gamma, axis=axis)
-                frozen = bn.backward(dy, x, (mean, var), gamma, axis=axis, training=False)
-                results[isa] = [st.mean, st.var, y, st2.mean, ye, *grads, *frozen]
-            for i, (a, b) in enumerate(zip(results["avx2"], results[name])):
-                assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), (
-                    f"result {i} of {shape} axis={axis} differs between avx2 and {name}")
-    finally:
-        _kernels.set_isa(original)
+    for shape, axis in SIMD_CASES:  # the autouse fixture restores the ISA afterwards
+        x = make_x(rng, shape, axis, dtype)
+        dy = make_x(rng, shape, axis, dtype, loc=1.0)
+        c = shape[axis]
+        gamma, beta = make_params(rng, c)
+        mean, var = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+        results = {}
+        for isa in ("avx2", name):
+            _kernels.set_isa(isa)
+            st = bn.batch_stats(x, axis=axis)
+            y, st2 = bn.forward_train(x, gamma, beta, axis=axis)
+            ye = bn.forward_eval(x, mean, var, gamma, beta, axis=axis)
+            grads = bn.backward(dy, x, st, gamma, axis=axis)
+            frozen = bn.backward(dy, x, (mean, var), gamma, axis=axis, training=False)
+            results[isa] = [st.mean, st.var, y, st2.mean, ye, *grads, *frozen]
+        for i, (a, b) in enumerate(zip(results["avx2"], results[name])):
+            assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), (
+                f"result {i} of {shape} axis={axis} differs between avx2 and {name}")
 
 
 def test_num_threads_semantics(threads):

@@ -95,6 +95,7 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
 {
     double *sums;
     BN_CT *coef;
+    bn_tiling t0;
     ptrdiff_t k, C = s.channels, cc, size;
     int nt, wide = 0, need_sums = training || dgamma || dbeta;
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
@@ -109,15 +110,15 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
     if (!dy || (need_sums && !x)) return BN_ERR_ARG;
     cc = bn_chunk_channels(s, need_sums ? 2 : 1, sizeof(BN_CT));
     /* partials of the largest chunk (every chunk has as many parts), then the chunk's sums */
-    size = bn_make_tiling(s, 0, cc).parts * BN_PART_STRIDE(cc);
+    t0 = bn_make_tiling(s, 0, cc);
+    size = t0.parts * BN_PART_STRIDE(cc);
     sums = (double *)bn_alloc_aligned(sizeof(double) * 2 * (size_t)(size + cc));
     coef = (BN_CT *)malloc(sizeof(BN_CT) * 4 * (size_t)BN_COEF_STRIDE(C));
     if (!sums || !coef) {
         bn_free_aligned(sums), free(coef);
         return BN_ERR_NOMEM;
     }
-    nt = bn_threads_for(s.outer * C * s.inner, need_sums ? 1 + 1 + training : 1,
-                        bn_make_tiling(s, 0, cc).units);
+    nt = bn_threads_for(s.outer * C * s.inner, need_sums ? 1 + 1 + training : 1, t0.units);
     if (nt > 1) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)

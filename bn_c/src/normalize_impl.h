@@ -89,6 +89,7 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
                                        bn_strides ys, const double *gamma, const double *beta,
                                        double eps, double *mean, double *var)
 {
+    bn_tiling t0;
     ptrdiff_t C = s.channels, cc, size, k;
     double *scratch;
     BN_CT *coef;
@@ -102,14 +103,15 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
     if (!x || !y) return BN_ERR_ARG;
     cc = bn_chunk_channels(s, 1, sizeof(BN_CT));
     /* partials of the largest chunk; every chunk has as many parts */
-    size = bn_make_tiling(s, 0, cc).parts * BN_PART_STRIDE(cc);
+    t0 = bn_make_tiling(s, 0, cc);
+    size = t0.parts * BN_PART_STRIDE(cc);
     scratch = (double *)bn_alloc_aligned(sizeof(double) * 2 * (size_t)size);
     coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)BN_COEF_STRIDE(C));
     if (!scratch || !coef) {
         bn_free_aligned(scratch), free(coef);
         return BN_ERR_NOMEM;
     }
-    nt = bn_threads_for(s.outer * C * s.inner, 2, bn_make_tiling(s, 0, cc).units);
+    nt = bn_threads_for(s.outer * C * s.inner, 2, t0.units);
     if (nt > 1) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)

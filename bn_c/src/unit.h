@@ -9,7 +9,7 @@ typedef struct bn_unit {
     ptrdiff_t o0, rows; /* outer rows [o0, o0 + rows) */
     ptrdiff_t i0, len;  /* inner run [i0, i0 + len) */
     ptrdiff_t k;        /* index of this unit's partial result within each channel */
-    ptrdiff_t slot;     /* where channel c0's partial k goes (BN_PART_STRIDE); c0 + j's is slot + j */
+    ptrdiff_t slot;     /* where channel c0's partial k goes; c0 + j's is at slot + j */
 } bn_unit;
 
 static inline ptrdiff_t bn_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
