@@ -3,7 +3,7 @@
 Each example draws a shape (ndim 2..5, size-0 batch/spatial extents and C = 0 included, C up
 to 40, SIMD tails), a channel axis (positive or negative), a memory layout (transposes, slices
 with positive and negative steps, Fortran order, non-native byte order, unaligned data,
-broadcast and read-only arrays), a dtype from ``batchnorm._api._FLOAT_DTYPES`` (dtypes added
+broadcast and read-only arrays), a dtype from ``batchnorm._validation.FLOAT_DTYPES`` (dtypes added
 there are fuzzed automatically), the kernel set (every ISA path this CPU has), eps,
 gamma/beta present or not (float64 contiguous, strided or unaligned, float32, integer arrays
 or lists), an ``out=`` (none, fresh, the input itself, an overlapping view) and at most
@@ -39,12 +39,12 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from batchnorm import _api, _kernels
+from batchnorm import _kernels, _validation
 from batchnorm import reference as ref
 
 # --- dtypes and their precision --------------------------------------------------------------
 
-FLOAT_DTYPES = tuple(np.dtype(d) for d in _api._FLOAT_DTYPES)
+FLOAT_DTYPES = tuple(np.dtype(d) for d in _validation.FLOAT_DTYPES)
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 

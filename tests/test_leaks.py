@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from batchnorm import _api
+from batchnorm import _validation
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/self/statm"), reason="needs /proc/self/statm (Linux)"
 )
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-FLOAT_DTYPES = tuple(np.dtype(d) for d in _api._FLOAT_DTYPES)
+FLOAT_DTYPES = tuple(np.dtype(d) for d in _validation.FLOAT_DTYPES)
 
 
 def _under_asan() -> bool:

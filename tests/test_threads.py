@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from batchnorm import _api
+from batchnorm import _validation
 
-FLOAT_DTYPES = tuple(np.dtype(d) for d in _api._FLOAT_DTYPES)
+FLOAT_DTYPES = tuple(np.dtype(d) for d in _validation.FLOAT_DTYPES)
 WORKERS = 4
 
 

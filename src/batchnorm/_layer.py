@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _api
+from . import _kernels, _validation
+from ._stats import Stats
 
 __all__ = ["BatchNorm"]
 
@@ -87,11 +88,9 @@ class BatchNorm:
             momentum = float(momentum)
             if not 0.0 <= momentum <= 1.0:
                 raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-        if not isinstance(axis, (int, np.integer)):
-            raise TypeError(f"axis must be an integer, got {axis!r}")
         self.num_features = c
-        self.axis = int(axis)
-        self.eps = _api._eps(eps)
+        self.axis = _validation.axis_index(axis)
+        self.eps = _validation.eps(eps)
         self.momentum = momentum
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
@@ -110,8 +109,7 @@ class BatchNorm:
     # --- state --------------------------------------------------------------------------
 
     def _checked_vector(self, value: Any, name: str) -> np.ndarray:
-        v = _api._vector(value, self.num_features, name)
-        return v.astype(self.dtype)
+        return _validation.vector(value, self.num_features, name).astype(self.dtype)
 
     def _vector_property(name: str, needs: str):  # noqa: N805 (a property factory)
         attr = "_" + name
@@ -210,44 +208,40 @@ class BatchNorm:
     # --- computation --------------------------------------------------------------------
 
     def __call__(self, x: Any, *, out: Optional[np.ndarray] = None) -> np.ndarray:
-        """Normalize a batch; see the class docstring for which statistics are used."""
-        x = _api._as_input(x, "x")
-        ax = _api._channel_axis(self.axis, x.ndim)
-        if x.shape[ax] != self.num_features:
-            raise ValueError(
-                f"x has {x.shape[ax]} channels along axis {self.axis} (shape {x.shape}), "
-                f"but the layer has num_features={self.num_features}"
-            )
+        """Normalize a batch; see the class docstring for which statistics are used.
+
+        The parameters and running statistics go to the kernels as they are (in the layer's
+        dtype); the route in ``_kernels`` checks ``x`` and ``out`` once.
+        """
         in_place = out is not None and np.may_share_memory(out, x)
-        # float64 parameter vectors, as the kernels (and their fast path) take them
-        gamma = None if self._gamma is None else self._gamma.astype(np.float64)
-        beta = None if self._beta is None else self._beta.astype(np.float64)
         if self.training or not self.track_running_stats:
-            y, st = _api.forward_train(
-                x, gamma, beta, axis=ax, eps=self.eps, out=out,
-                check_finite=self.check_finite,
+            y, st = _kernels.forward_train(
+                x, self._gamma, self._beta, self.axis, self.eps, out, self.check_finite,
+                self.num_features,
             )
             if self.training and self.track_running_stats:
                 self._update_running_stats(st)
             training = True
         else:
-            st = _api.Stats(
-                self._running_mean.astype(np.float64),
-                self._running_var.astype(np.float64),
-                _api._count(x, ax),
+            y = _kernels.forward_eval(
+                x, self._running_mean, self._running_var, self._gamma, self._beta, self.axis,
+                self.eps, out, self.check_finite, self.num_features,
             )
-            y = _api.forward_eval(
-                x, st.mean, st.var, gamma, beta, axis=ax, eps=self.eps, out=out,
-                check_finite=self.check_finite,
-            )
+            st = (self._running_mean, self._running_var)
             training = False
-        self._saved = (None if in_place else x, st, gamma, ax, training)
+        self._saved = (None if in_place else x, st, self._gamma, training)
         return y
 
     forward = __call__
 
-    def _update_running_stats(self, st: _api.Stats) -> None:
-        if not (np.isfinite(st.mean).all() and np.isfinite(st.var).all()):
+    def _update_running_stats(self, st: Stats) -> None:
+        n = self.num_batches_tracked + 1
+        m = 1.0 / n if self.momentum is None else self.momentum
+        new = _kernels.running_update(
+            self._running_mean, self._running_var, st.mean, st.var, st.count, m,
+            self.unbiased_running_var,
+        )
+        if new is None:
             warnings.warn(
                 "batch statistics are not finite (NaN or inf in the input): the running "
                 "statistics were not updated",
@@ -255,11 +249,8 @@ class BatchNorm:
                 stacklevel=3,
             )
             return
-        self.num_batches_tracked += 1
-        m = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
-        var = st.unbiased_var() if self.unbiased_running_var else st.var
-        self._running_mean = ((1.0 - m) * self._running_mean + m * st.mean).astype(self.dtype)
-        self._running_var = ((1.0 - m) * self._running_var + m * var).astype(self.dtype)
+        self._running_mean, self._running_var = new
+        self.num_batches_tracked = n
 
     def backward(self, dy: Any, *, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Gradient with respect to the input of the last forward call.
@@ -270,16 +261,15 @@ class BatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
-        x, st, gamma, ax, training = self._saved
+        x, st, gamma, training = self._saved
         if x is None:
             raise RuntimeError(
                 "backward() needs the forward input, which the forward call overwrote (out=x)"
             )
-        dx, dgamma, dbeta = _api.backward(
-            dy, x, st, gamma, axis=ax, eps=self.eps, training=training, out=out,
-            check_finite=self.check_finite,
+        dx, dgamma, dbeta = _kernels.backward(
+            dy, x, st, gamma, self.axis, self.eps, training, out, self.check_finite
         )
         if self.affine:
-            self.grad_gamma = dgamma.astype(self.dtype)
-            self.grad_beta = dbeta.astype(self.dtype)
+            self.grad_gamma = dgamma.astype(self.dtype, copy=False)
+            self.grad_beta = dbeta.astype(self.dtype, copy=False)
         return dx

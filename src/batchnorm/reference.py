@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from ._api import Stats
+from ._stats import Stats
 
 __all__ = ["batch_stats", "forward_train", "forward_eval", "backward"]
 

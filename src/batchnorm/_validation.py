@@ -1,0 +1,111 @@
+"""Argument rules shared by the functions, the layer and the Cython route.
+
+The route in ``_kernels`` takes the common arguments as they are (a native float ndarray,
+a plain int axis, a float eps, a float32/float64/float16 vector of length C) and hands
+anything else to the functions here, which convert it or raise an error that names the
+argument and what was expected. So each rule and its message lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import numpy as np
+
+# Storage types the kernels take. float16 and bfloat16 (from the optional ml_dtypes package)
+# are computed in float32 with float64 statistics; bfloat16 is recognised by name so that
+# ml_dtypes is never imported here.
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+
+
+def is_bfloat16(dt: np.dtype) -> bool:
+    # kind first: dtype.name is slow, and float16/32/64 are kind 'f'
+    return dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16"
+
+
+def supported_dtypes() -> tuple:
+    """The storage dtypes the kernels take: float32, float64, float16, and bfloat16 when
+    ml_dtypes is installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return FLOAT_DTYPES
+    return FLOAT_DTYPES + (np.dtype(ml_dtypes.bfloat16),)
+
+
+def as_input(a: Any, name: str) -> np.ndarray:
+    """A float ndarray (see supported_dtypes) with native byte order and ndim >= 2."""
+    arr = a if type(a) is np.ndarray else np.asarray(a)
+    dt = arr.dtype
+    if dt not in FLOAT_DTYPES and not is_bfloat16(dt):
+        if dt.kind == "f" and dt.newbyteorder("=") in FLOAT_DTYPES:
+            arr = arr.astype(dt.newbyteorder("="))
+        else:
+            raise TypeError(
+                f"{name} must be a float32, float64, float16 or bfloat16 array, got dtype {dt}"
+            )
+    if arr.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions, (N, C) or (N, C, ...), "
+            f"got shape {arr.shape}"
+        )
+    return arr
+
+
+def axis_index(axis: Any) -> int:
+    """axis as a Python int (any integer type), or a TypeError naming it."""
+    try:
+        return operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {axis!r}") from None
+
+
+def channel_axis(axis: Any, ndim: int) -> int:
+    """The channel axis in [0, ndim)."""
+    axis = axis_index(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an input with {ndim} dimensions")
+    return axis % ndim
+
+
+def eps(value: Any) -> float:
+    e = float(value)
+    if not (e >= 0.0 and math.isfinite(e)):
+        raise ValueError(f"eps must be a finite number >= 0, got {value!r}")
+    return e
+
+
+def vector(v: Any, channels: int, name: str) -> np.ndarray:
+    """v as a contiguous, aligned float64 vector of length C (a copy where it is not one)."""
+    arr = v if type(v) is np.ndarray else np.asarray(v)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+    if arr.shape != (channels,):
+        raise ValueError(f"{name} must have shape (C,) = ({channels},), got {arr.shape}")
+    return np.require(arr, np.float64, ["C", "A"])
+
+
+def stats_pair(st: Any) -> tuple:
+    """(mean, var) of a Stats, of anything with .mean and .var, or of a (mean, var[, count])."""
+    if hasattr(st, "mean") and hasattr(st, "var"):
+        return st.mean, st.var
+    if isinstance(st, (tuple, list)) and len(st) in (2, 3):
+        return st[0], st[1]
+    raise TypeError(f"st must be a Stats (mean, var, count), got {type(st).__name__}")
+
+
+def count(shape: tuple, axis: int) -> int:
+    """Values per channel: the product of all dimensions but the channel axis."""
+    return math.prod(d for i, d in enumerate(shape) if i != axis)
+
+
+def check_finite(a: np.ndarray, axis: int, name: str) -> None:
+    """With check_finite=True: a clear error naming the channels that hold NaN or inf."""
+    finite = np.isfinite(a.astype(np.float32) if a.itemsize == 2 else a)
+    if not finite.all():
+        others = tuple(i for i in range(a.ndim) if i != axis)
+        bad = np.flatnonzero(~finite.all(axis=others))
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if bad.size > 10 else "")
+        raise ValueError(f"{name} contains NaN or inf in channel(s) {shown} (check_finite=True)")
