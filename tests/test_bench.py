@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +25,10 @@ def _has_torch() -> bool:
     except Exception:
         return False
     return True
+
+
+def _has_onnxruntime() -> bool:
+    return _bench._import_onnxruntime(False) is not None
 
 
 def _table(out: str) -> tuple[list[str], list[list[str]]]:
@@ -50,13 +55,14 @@ def test_bench_prints_a_table_with_the_expected_columns(capsys):
     for column in ("shape", "layout", "op", "ms", "by", "x floor", "batchnorm"):
         assert column in head2
     assert ("torch" in head1.replace("torch /", "")) == _has_torch()
+    assert ("onnxruntime" in head1) == _has_onnxruntime()
     # both layouts of the one shape, every op
     assert [(r[0], r[1], r[2]) for r in rows] == [
         (shape, layout, op)
         for shape, layout in (("4x3x5x5", "nchw"), ("4x5x5x3", "nhwc"))
         for op in OPS
     ]
-    impls = 4 if _has_torch() else 3
+    impls = 3 + _has_torch() + _has_onnxruntime()
     for r in rows:
         assert len(r) == 5 + 2 * impls + 1
         floor_ms = float(r[3])
@@ -273,3 +279,211 @@ def test_measure_settles_with_an_untimed_call_before_each_sample():
     assert len(timings["a"].samples) == 2
     # after warm-up and calibration, each sample is one untimed call and the timed one
     assert calls[4:] == ["a", "a", "b", "b", "b", "b", "a", "a"]
+
+
+# --- user-style calls: the small set, float32 vectors, ONNX Runtime -------------------------
+
+USER_SHAPES = [(4, 4), (64, 128), (8, 32, 8, 8), (256, 1024)]
+
+
+def test_small_shape_set_is_the_per_call_shapes():
+    assert [s for s, _ in _bench.SMALL_CASES] == USER_SHAPES
+    cases = _bench.select_cases("small")
+    assert [(c.label, c.layout) for c in cases] == [
+        ("4x4", "2d"), ("64x128", "2d"), ("8x32x8x8", "nchw"), ("8x8x8x32", "nhwc"),
+        ("256x1024", "2d"),
+    ]
+    assert [c.label for c in _bench.select_cases("small", "nchw")] == [
+        "4x4", "64x128", "8x32x8x8", "256x1024"]
+    assert "4x4" in _bench.SHAPE_SETS["small"]
+
+
+def _run_case_once(monkeypatch, case, dtype, ops, **kw):
+    """run_case with every candidate called once instead of timed."""
+    def once(cands, repeat, tick=None, **_):
+        for fn in cands.values():
+            fn()
+        return {k: _bench.Timing(samples=[1e-6]) for k in cands}
+
+    monkeypatch.setattr(_bench, "measure", once)
+    return _bench.run_case(case, np.dtype(dtype), ops, threads=1, repeat=1, **kw)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_candidates_receive_vectors_in_the_input_dtype(monkeypatch, layout, dtype):
+    """gamma, beta, mean and var reach every candidate in the input's dtype (float32 by
+    default), as a user passes them; backward gets forward_train's Stats."""
+    seen = []  # (candidate, function, [vector dtypes])
+
+    def recording(who, name, fn, vector_args):
+        def wrapper(*args, **kwargs):
+            seen.append((who, name, [np.asarray(args[i]).dtype for i in vector_args]))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    api = SimpleNamespace(
+        batch_stats=_bench._api.batch_stats,
+        forward_train=recording("batchnorm", "forward_train", bn.forward_train, (1, 2)),
+        forward_eval=recording("batchnorm", "forward_eval", bn.forward_eval, (1, 2, 3, 4)),
+        backward=recording("batchnorm", "backward", bn.backward, (3,)),
+    )
+    monkeypatch.setattr(_bench, "_api", api)
+    monkeypatch.setattr(_bench, "numpy_forward_train", recording(
+        "numpy", "forward_train", _bench.numpy_forward_train, (1, 2)))
+    monkeypatch.setattr(_bench, "numpy_forward_eval", recording(
+        "numpy", "forward_eval", _bench.numpy_forward_eval, (1, 2, 3, 4)))
+    monkeypatch.setattr(_bench, "numpy_backward", recording(
+        "numpy", "backward", _bench.numpy_backward, (2, 3, 4)))
+    backward_stats = []
+    real_backward = api.backward
+    api.backward = lambda *a, **k: (backward_stats.append(a[2]), real_backward(*a, **k))[1]
+
+    torch = None
+    if _has_torch():
+        import torch
+        real_bn = torch.nn.functional.batch_norm
+
+        def torch_bn(x, rm, rv, w, b, **kw):
+            seen.append(("torch", "batch_norm", [t.numpy().dtype for t in (rm, rv, w, b)]))
+            return real_bn(x, rm, rv, w, b, **kw)
+
+        monkeypatch.setattr(torch.nn.functional, "batch_norm", torch_bn)
+    ort = _bench._import_onnxruntime(False)
+    if ort is not None:
+        real_session = _bench.onnx_eval_session
+
+        def session(*args):
+            sess = real_session(*args)
+
+            def run(names, feeds):
+                seen.append(("onnxruntime", "run", [feeds[k].dtype for k in (
+                    "x", "scale", "B", "input_mean", "input_var")]))
+                return sess.run(names, feeds)
+            return SimpleNamespace(run=run)
+
+        monkeypatch.setattr(_bench, "onnx_eval_session", session)
+
+    case = _bench.Case.from_logical((4, 3, 2, 2), layout)
+    _run_case_once(monkeypatch, case, dtype, ["train", "eval", "backward"], torch=torch,
+                   ort=ort)
+    whos = {(who, name) for who, name, _ in seen}
+    for name in ("forward_train", "forward_eval", "backward"):
+        assert ("batchnorm", name) in whos and ("numpy", name) in whos
+        # both batchnorm candidates (out= and allocating), warm-up included
+        assert sum(1 for w, n, _ in seen if (w, n) == ("batchnorm", name)) >= 2
+    if torch is not None:
+        assert ("torch", "batch_norm") in whos
+    assert (("onnxruntime", "run") in whos) == (ort is not None and layout == "nchw")
+    for who, name, dtypes in seen:
+        assert dtypes and all(d == np.dtype(dtype) for d in dtypes), (who, name, dtypes)
+    assert backward_stats and all(isinstance(st, bn.Stats) for st in backward_stats)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (6, 4)])
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-10)])
+def test_onnxruntime_session_matches_forward_eval(shape, dtype, tol):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    ort = _bench._import_onnxruntime(False)
+    rng = np.random.default_rng(3)
+    x = rng.normal(3.0, 2.0, shape).astype(dtype)
+    c = shape[1]
+    gamma, beta, mean = (rng.uniform(-1.5, 1.5, c).astype(dtype) for _ in range(3))
+    var = rng.uniform(0.0, 2.0, c).astype(dtype)
+    var[0] = 0.0  # epsilon matters
+    sess = _bench.onnx_eval_session(ort, shape, dtype, 1)
+    (y,) = sess.run(None, {"x": x, "scale": gamma, "B": beta, "input_mean": mean,
+                           "input_var": var})
+    assert y.dtype == dtype and y.shape == shape
+    # ONNX float attributes are float32: epsilon is float32(1e-5), visible in float64 at var=0
+    eps = float(np.float32(_bench.EPS))
+    ref = reference.forward_eval(x, mean, var, gamma, beta, eps=eps)
+    np.testing.assert_allclose(y, ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+def test_onnxruntime_candidate_only_for_eval_on_nchw_and_2d(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--shapes", "4x3x5x5,6x4", "--layout", "both", "--repeat", "1",
+            "--no-torch", "--no-progress", "--threads", "1", "--json", str(path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"onnxruntime {ort.__version__}" in out.splitlines()[0]
+    (head1, _), rows = _table(out)
+    assert "onnxruntime" in head1
+    data = json.loads(path.read_text())
+    assert data["meta"]["onnxruntime"] == ort.__version__
+    assert [(d["layout"], sorted(d["ops"])) for d in data["detail"]] == [
+        ("nchw", sorted(OPS)), ("nhwc", sorted(OPS)), ("2d", sorted(OPS))]
+    for d in data["detail"]:
+        for op, per_impl in d["ops"].items():
+            wanted = op == "eval" and d["layout"] != "nhwc"
+            assert ("onnxruntime" in per_impl) == wanted, (d["layout"], op)
+            if wanted:
+                t = per_impl["onnxruntime"]
+                assert t["error"] is None and t["median_ms"] > 0
+    for row in data["rows"]:
+        has = row["op"] == "eval" and row["layout"] != "nhwc"
+        assert (row["onnxruntime"]["ms"] is not None) == has, (row["layout"], row["op"])
+    # the printed table: the onnxruntime column (before "torch / batchnorm") is "-" elsewhere
+    for r in rows:
+        ms = r[-3]
+        assert (ms != "-") == (r[2] == "eval" and r[1] != "nhwc"), r
+
+
+@pytest.mark.parametrize("extra", [
+    ["--no-onnxruntime"],
+    ["--ops", "train,backward,stats"],  # onnxruntime has eval only
+    ["--layout", "nhwc"],  # and no channels-last case
+])
+def test_no_onnxruntime_column_without_a_case_for_it(extra, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    argv = ["bench", "--shapes", "4x3x5x5", "--repeat", "1", "--no-torch", "--no-progress",
+            "--ops", "eval", *extra]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime" not in out
+
+
+def test_onnxruntime_is_imported_only_when_benchmarking():
+    code = ("import sys, batchnorm, batchnorm._bench, batchnorm.__main__; "
+            "print(sorted(m for m in ('onnxruntime', 'onnx', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# --- the asv suite's user-style calls run (asv itself is not needed) ------------------------
+
+ASV_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.skipif(not (ASV_DIR / "benchmarks" / "bench_user.py").exists(),
+                    reason="the asv suite is not in this tree")
+def test_asv_user_suite_runs_once(monkeypatch, threads):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ASV_DIR))
+    suite = importlib.import_module("benchmarks.bench_user")
+    assert suite.USER_SHAPES == ["4x4", "64x128", "8x32x8x8", "256x1024"]
+    x, dy, axis, *vectors = suite.user_inputs("8x32x8x8")
+    assert x.dtype == dy.dtype == np.float32 and axis == 1
+    assert [v.dtype for v in vectors] == [np.float32] * 4 and vectors[0].shape == (32,)
+    for cls in (suite.UserFunctions, suite.UserLayer):
+        bench = cls()
+        bench.setup("4x4")
+        names = [n for n in dir(cls) if n.startswith("time_")]
+        assert len(names) == 3
+        for name in names:
+            getattr(bench, name)("4x4")
+    overhead = suite.CallOverhead()
+    overhead.setup()
+    for name in ("time_forward_eval", "time_forward_eval_out", "time_multiply"):
+        getattr(overhead, name)()
+    for name in ("track_ratio_to_multiply", "track_ratio_out_to_multiply"):
+        ratio = getattr(overhead, name)()
+        assert math.isfinite(ratio) and ratio > 0

@@ -39,8 +39,12 @@ def case(shape: str, layout: str) -> tuple[tuple[int, ...], int]:
 
 
 def inputs(shape: str, layout: str, dtype: str, *, loc: float = 3.0, scale: float = 2.0,
-           seed: int = 0):
-    """x (loc + scale * normal), dy (normal), the axis, gamma and beta (float64, (C,))."""
+           seed: int = 0, param_dtype: str = "float64"):
+    """x (loc + scale * normal), dy (normal), the axis, gamma and beta ((C,), param_dtype).
+
+    The same seed gives the same values whatever param_dtype (gamma and beta are drawn in
+    float64 and rounded).
+    """
     phys, axis = case(shape, layout)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(phys, dtype=np.float32).astype(dtype)
@@ -48,8 +52,8 @@ def inputs(shape: str, layout: str, dtype: str, *, loc: float = 3.0, scale: floa
     x += loc
     dy = rng.standard_normal(phys, dtype=np.float32).astype(dtype)
     c = phys[axis]
-    gamma = rng.uniform(0.5, 1.5, c)
-    beta = rng.uniform(-0.5, 0.5, c)
+    gamma = rng.uniform(0.5, 1.5, c).astype(param_dtype, copy=False)
+    beta = rng.uniform(-0.5, 0.5, c).astype(param_dtype, copy=False)
     return x, dy, axis, gamma, beta
 
 

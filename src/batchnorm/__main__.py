@@ -24,10 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_arguments(
         sub.add_parser(
             "bench",
-            help="time batchnorm, plain NumPy and PyTorch against the memory-copy floor",
+            help="time batchnorm, plain NumPy, PyTorch and ONNX Runtime against the "
+            "memory-copy floor",
             description="Time batchnorm (with out= and allocating), a naive NumPy "
-            "implementation and PyTorch (when installed) on a set of shapes, as ratios to "
-            "the fastest memory copy (x + dy -> dx for backward) measured in the same run.",
+            "implementation, PyTorch and ONNX Runtime (eval only; each when installed) on a "
+            "set of shapes, with parameter vectors in the input's dtype, as ratios to the "
+            "fastest memory copy (x + dy -> dx for backward) measured in the same run.",
         )
     )
     return parser

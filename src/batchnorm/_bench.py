@@ -1,4 +1,4 @@
-"""``python -m batchnorm bench``: batchnorm, plain NumPy and PyTorch against the memory floor.
+"""``python -m batchnorm bench``: batchnorm, NumPy, PyTorch, ONNX Runtime against the memory floor.
 
 Batch normalization is memory-bound, so every time is quoted as a ratio to the fastest memory
 operation that moves the same bytes, measured in the same process, in the same loop
@@ -15,7 +15,10 @@ All candidates of one shape (floors included) run round-robin, one sample of eac
 the start of the round rotating; the figure kept is the median of the rounds. Absolute times
 on a shared machine move a lot; ratios taken this way do not.
 
-Candidates, all given the same input buffers:
+Candidates, all given the same input buffers and the same parameter vectors (gamma, beta, and
+for eval the mean and var), in the input's dtype (float32 by default), as a user holds them: a
+``BatchNorm`` layer's parameters and running statistics, or weights loaded from PyTorch or
+ONNX. Backward gets the statistics as ``forward_train`` returns them (``Stats``, float64):
 
 * ``batchnorm out=``: the package writing into a preallocated output;
 * ``batchnorm``: the package allocating its output (what a plain call does);
@@ -25,7 +28,16 @@ Candidates, all given the same input buffers:
   channels-last strides for NHWC), training=True with running statistics for train,
   training=False for eval; backward through ``torch.ops.aten.native_batch_norm_backward``
   (no autograd graph), or through autograd (a forward included) where that op is missing;
-  statistics through ``torch.var_mean``. PyTorch allocates its outputs.
+  statistics through ``torch.var_mean``. PyTorch allocates its outputs;
+* ``onnxruntime``: eval only. ONNX Runtime's ``BatchNormalization`` (a one-node model, opset
+  15, epsilon 1e-5, inputs x, scale, B, input_mean, input_var in the input's dtype, built
+  with ``onnx.helper`` per shape) in an ``InferenceSession`` on the CPUExecutionProvider with
+  ``intra_op_num_threads`` the benchmarked thread count; ``sess.run(None, feeds)`` is timed
+  (it allocates its output). ONNX takes the channel as axis 1, so nhwc (channels-last) cases
+  have no onnxruntime candidate; nchw and 2-D cases do. Present when ``onnxruntime`` and
+  ``onnx`` import (``--no-onnxruntime`` leaves it out).
+
+PyTorch, onnxruntime and onnx are imported only when the command runs.
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ import numpy as np
 from . import _api
 
 OPS = ("train", "eval", "backward", "stats")
-IMPLS = ("batchnorm out=", "batchnorm", "numpy", "torch")
+IMPLS = ("batchnorm out=", "batchnorm", "numpy", "torch", "onnxruntime")
 LAYOUTS = ("nchw", "nhwc")
 EPS = 1e-5
 
@@ -63,8 +75,8 @@ PEER_CASES = (  # performance.md's peer table, in its layouts
     ((32, 256, 14, 14), "nchw"), ((32, 256, 14, 14), "nhwc"),
     ((64, 128, 56, 56), "nchw"), ((256, 1024), "2d"), ((8, 32, 8, 8), "nchw"),
 )
-SMALL_CASES = (
-    ((8, 32, 8, 8), None), ((256, 1024), None), ((32, 512, 7, 7), None), ((4096, 64), None),
+SMALL_CASES = (  # the per-call shapes users pass, where fixed overhead shows
+    ((4, 4), None), ((64, 128), None), ((8, 32, 8, 8), None), ((256, 1024), None),
 )
 TWO_D = ((256, 1024), (4096, 64), (128, 8192))
 EDGE = (  # C not a multiple of the vector width, N*H*W = 2, C = 1
@@ -72,7 +84,8 @@ EDGE = (  # C not a multiple of the vector width, N*H*W = 2, C = 1
 )
 SHAPE_SETS = {
     "peer": "performance.md's peer table, 7 cases (the default)",
-    "small": "a few small shapes where per-call overhead shows, both layouts",
+    "small": "per-call shapes where fixed overhead shows: 4x4, 64x128, 8x32x8x8 (both "
+             "layouts), 256x1024",
     "resnet": "ResNet-50's 9 BN shapes, N from --batch (default 32), both layouts",
     "2d": "(N, C) inputs: 256x1024, 4096x64, 128x8192",
     "edge": "C=251, C=3, N*H*W=2, C=1, both layouts",
@@ -368,6 +381,39 @@ def _torch_backward_fn(torch: Any, tx, tdy, w, b, rm, rv) -> Tuple[Callable[[], 
         return fn_autograd, "autograd (forward included)"
 
 
+ONNX_OPSET = 15
+ONNX_IR_VERSION = 8  # the IR version of opset 15, so that an older onnxruntime reads the model
+
+
+def onnx_eval_session(ort: Tuple[Any, Any], shape: Sequence[int], dtype: Any,
+                      threads: int) -> Any:
+    """An ONNX Runtime session of a one-node BatchNormalization (inference) for x of ``shape``.
+
+    ``ort`` is the (onnxruntime, onnx) pair. The model takes x (channel on axis 1, as ONNX
+    requires), scale, B, input_mean and input_var in ``dtype`` and returns y; epsilon is EPS
+    (stored as float32, as every ONNX float attribute is), opset ONNX_OPSET. The session runs
+    on the CPUExecutionProvider with ``threads`` intra-op threads.
+    """
+    onnxruntime, onnx = ort
+    helper = onnx.helper
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    shape = [int(d) for d in shape]
+    c = shape[1]
+    names = ["x", "scale", "B", "input_mean", "input_var"]
+    inputs = [helper.make_tensor_value_info("x", elem, shape)]
+    inputs += [helper.make_tensor_value_info(n, elem, [c]) for n in names[1:]]
+    node = helper.make_node("BatchNormalization", names, ["y"], epsilon=EPS)
+    graph = helper.make_graph([node], "batchnorm_eval", inputs,
+                              [helper.make_tensor_value_info("y", elem, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+                              ir_version=ONNX_IR_VERSION)
+    so = onnxruntime.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3  # errors only
+    return onnxruntime.InferenceSession(model.SerializeToString(), sess_options=so,
+                                        providers=["CPUExecutionProvider"])
+
+
 @dataclass
 class CaseResult:
     case: Case
@@ -393,8 +439,13 @@ def run_case(
     torch: Any = None,
     tick: Optional[Callable[[], None]] = None,
     seed: int = 0,
+    ort: Optional[Tuple[Any, Any]] = None,
 ) -> Tuple[CaseResult, Dict[str, str]]:
-    """Allocate the buffers of one case and time every candidate of every op interleaved."""
+    """Allocate the buffers of one case and time every candidate of every op interleaved.
+
+    ``ort``: the (onnxruntime, onnx) modules, for the onnxruntime eval candidate (not for
+    nhwc cases: ONNX's BatchNormalization takes the channel on axis 1).
+    """
     rng = np.random.default_rng(seed)
     ax = case.axis
     c = case.channels
@@ -405,9 +456,11 @@ def run_case(
     dx = np.empty_like(x)
     y.fill(0)
     dx.fill(0)  # touch the output pages once, as a reused buffer would be
-    gamma = rng.uniform(0.5, 1.5, c)
-    beta = rng.uniform(-0.5, 0.5, c)
-    g_dt, b_dt = gamma.astype(dtype), beta.astype(dtype)
+    # Every candidate gets its vectors in the input's dtype, as a user holds them (a layer's
+    # parameters and running statistics, weights loaded from PyTorch or ONNX); backward gets
+    # the statistics as forward_train returns them (Stats, float64).
+    g_dt = rng.uniform(0.5, 1.5, c).astype(dtype)
+    b_dt = rng.uniform(-0.5, 0.5, c).astype(dtype)
     st = _api.batch_stats(x, axis=ax)
     mean_dt, var_dt = st.mean.astype(dtype), st.var.astype(dtype)
     notes: Dict[str, str] = {}
@@ -445,8 +498,8 @@ def run_case(
     for op in ops:
         if op == "train":
             cands[(op, "batchnorm out=")] = lambda: _api.forward_train(
-                x, gamma, beta, axis=ax, out=y)
-            cands[(op, "batchnorm")] = lambda: _api.forward_train(x, gamma, beta, axis=ax)
+                x, g_dt, b_dt, axis=ax, out=y)
+            cands[(op, "batchnorm")] = lambda: _api.forward_train(x, g_dt, b_dt, axis=ax)
             cands[(op, "numpy")] = lambda: numpy_forward_train(x, g_dt, b_dt, axis=ax)
             if torch is not None:
                 trm_t, trv_t = trm.clone(), trv.clone()
@@ -454,18 +507,27 @@ def run_case(
                     tx, trm_t, trv_t, tw, tb, training=True, momentum=0.1, eps=EPS)
         elif op == "eval":
             cands[(op, "batchnorm out=")] = lambda: _api.forward_eval(
-                x, st.mean, st.var, gamma, beta, axis=ax, out=y)
+                x, mean_dt, var_dt, g_dt, b_dt, axis=ax, out=y)
             cands[(op, "batchnorm")] = lambda: _api.forward_eval(
-                x, st.mean, st.var, gamma, beta, axis=ax)
+                x, mean_dt, var_dt, g_dt, b_dt, axis=ax)
             cands[(op, "numpy")] = lambda: numpy_forward_eval(
                 x, mean_dt, var_dt, g_dt, b_dt, axis=ax)
             if torch is not None:
                 cands[(op, "torch")] = lambda: F.batch_norm(
                     tx, trm, trv, tw, tb, training=False, eps=EPS)
+            if ort is not None and case.layout != "nhwc":
+                try:
+                    sess = onnx_eval_session(ort, x.shape, dtype, threads)
+                except Exception as e:  # noqa: BLE001 - e.g. a dtype the runtime lacks
+                    notes[f"{op} onnxruntime"] = f"{type(e).__name__}: {e}"
+                else:
+                    feeds = {"x": x, "scale": g_dt, "B": b_dt, "input_mean": mean_dt,
+                             "input_var": var_dt}
+                    cands[(op, "onnxruntime")] = lambda: sess.run(None, feeds)
         elif op == "backward":
             cands[(op, "batchnorm out=")] = lambda: _api.backward(
-                dy, x, st, gamma, axis=ax, out=dx)
-            cands[(op, "batchnorm")] = lambda: _api.backward(dy, x, st, gamma, axis=ax)
+                dy, x, st, g_dt, axis=ax, out=dx)
+            cands[(op, "batchnorm")] = lambda: _api.backward(dy, x, st, g_dt, axis=ax)
             cands[(op, "numpy")] = lambda: numpy_backward(dy, x, mean_dt, var_dt, g_dt, axis=ax)
             if torch is not None:
                 fn, how = _torch_backward_fn(torch, tx, tdy, tw, tb, trm, trv)
@@ -499,7 +561,7 @@ def run_case(
 # --- output -------------------------------------------------------------------------------
 
 _IMPL_HEAD = {"batchnorm out=": "batchnorm out=", "batchnorm": "batchnorm (alloc)",
-              "numpy": "numpy (naive)", "torch": "torch"}
+              "numpy": "numpy (naive)", "torch": "torch", "onnxruntime": "onnxruntime"}
 
 
 def _fmt_ms(t: float) -> str:
@@ -687,11 +749,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", default=",".join(OPS),
                    help=f"comma-separated, from {','.join(OPS)} (default: all)")
     p.add_argument("--threads", type=int, default=None,
-                   help="threads for batchnorm, PyTorch and the threaded copy floor "
-                        "(default: batchnorm's default, all cores)")
+                   help="threads for batchnorm, PyTorch, ONNX Runtime and the threaded copy "
+                        "floor (default: batchnorm's default, all cores)")
     p.add_argument("--repeat", type=int, default=7,
                    help="rounds; the median is reported (default 7)")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if installed")
+    p.add_argument("--no-onnxruntime", action="store_true",
+                   help="leave ONNX Runtime (eval, nchw and 2-D cases) out even if installed")
     p.add_argument("--plot", metavar="PNG", help="write a bar chart of the ratios (matplotlib)")
     p.add_argument("--json", metavar="FILE", help="write every sample and the table as JSON")
     prog = p.add_mutually_exclusive_group()
@@ -708,6 +772,19 @@ def _import_torch(disabled: bool) -> Any:
     except Exception:  # noqa: BLE001 - not installed, or broken: bench without it
         return None
     return torch
+
+
+def _import_onnxruntime(disabled: bool) -> Optional[Tuple[Any, Any]]:
+    """(onnxruntime, onnx), or None when disabled or either does not import."""
+    if disabled:
+        return None
+    try:
+        import onnx
+        import onnx.helper  # noqa: F401
+        import onnxruntime
+    except Exception:  # noqa: BLE001 - not installed, or broken: bench without it
+        return None
+    return onnxruntime, onnx
 
 
 def run(args: argparse.Namespace) -> int:
@@ -731,7 +808,11 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("bench: --plot needs matplotlib: pip install 'batchnorm[bench]'")
     dtype = np.dtype(args.dtype)
     torch = _import_torch(args.no_torch)
-    impls = [i for i in IMPLS if i != "torch" or torch is not None]
+    ort = _import_onnxruntime(getattr(args, "no_onnxruntime", False))
+    # onnxruntime's only op is eval, and it has no nhwc candidate: no column without a case
+    ort_used = ort is not None and "eval" in ops and any(c.layout != "nhwc" for c in cases)
+    impls = [i for i in IMPLS
+             if (i != "torch" or torch is not None) and (i != "onnxruntime" or ort_used)]
 
     from ._config import config
 
@@ -752,7 +833,8 @@ def run(args: argparse.Namespace) -> int:
         for i, case in enumerate(cases):
             progress.describe(f"{case.label} {case.layout}")
             res, case_notes = run_case(case, dtype, ops, threads, args.repeat, torch,
-                                       tick=progress.tick, seed=i)
+                                       tick=progress.tick, seed=i,
+                                       ort=ort if ort_used else None)
             results.append(res)
             for k, v in case_notes.items():
                 if k == "torch backward":
@@ -772,6 +854,7 @@ def run(args: argparse.Namespace) -> int:
         "batchnorm": cfg["version"], "isa": cfg["isa"], "openmp": cfg["openmp"],
         "threads": threads, "dtype": str(dtype), "repeat": args.repeat, "ops": ops,
         "numpy": np.__version__, "torch": getattr(torch, "__version__", None),
+        "onnxruntime": ort[0].__version__ if ort_used else None,
         "python": platform.python_version(), "machine": platform.machine(),
         "cpus": os.cpu_count(), "notes": notes,
     }
@@ -780,6 +863,9 @@ def run(args: argparse.Namespace) -> int:
         torch_desc = "torch left out (--no-torch)" if args.no_torch else "torch not installed"
     else:
         torch_desc = f"torch {torch.__version__} ({threads} threads)"
+    if ort_used:
+        torch_desc += (f"; onnxruntime {ort[0].__version__} ({threads} intra-op threads, "
+                       "eval, not nhwc)")
     print(f"batchnorm {cfg['version']} (isa {cfg['isa']}, OpenMP "
           f"{'on' if cfg['openmp'] else 'off'}), {dtype}, {threads} threads; "
           f"numpy {np.__version__}; {torch_desc}")

@@ -1,0 +1,139 @@
+"""The calls users write: float32 arrays, float32 parameter vectors, outputs allocated.
+
+The other suites pass float64 gamma and beta (and batch_stats' float64 mean and var) and
+mostly write into ``out=``: they time the kernels. A user holds float32 vectors (a
+``BatchNorm`` layer's parameters and running statistics are float32 by default, and so are
+weights loaded from PyTorch or ONNX) and lets the call allocate its output; what those calls
+cost, conversion of the vectors and page faults of the output included, is timed here, over
+per-call shapes (where fixed overhead shows) up to one of the peer table's, in nchw (axis=1),
+batchnorm's default threads.
+
+UserFunctions.time_*: ``bn.forward_train(x, gamma, beta)``, ``bn.forward_eval(x, mean, var,
+gamma, beta)`` and ``bn.backward(dy, x, st, gamma)`` with ``st`` as ``forward_train`` returned
+it (the object a user passes on), every vector float32.
+
+UserLayer.time_*: a ``bn.BatchNorm(C)`` (float32 parameters): the training call (running
+statistics updated), the eval call (running statistics used) and ``layer.backward(dy)`` after
+a training call.
+
+CallOverhead: ``bn.forward_eval`` on a (4, 4) float32 array, float32 vectors, allocating (the
+user's call) and with ``out=``, next to ``np.multiply(x, 2.0, out=y)`` on the same array, the
+cheapest NumPy call that reads x and writes y. track_ratio_*: the ratio of the two medians,
+measured interleaved in the same method (common.interleaved_medians), which moves less with
+machine load than the absolute times.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import batchnorm as bn
+
+from .common import interleaved_medians, inputs
+
+# per-call shapes (4x4, 64x128, 8x32x8x8) and the peer table's 2-D one
+USER_SHAPES = ["4x4", "64x128", "8x32x8x8", "256x1024"]
+
+
+def user_inputs(shape: str):
+    """x, dy (float32, nchw), the axis, and float32 gamma, beta, mean and var of shape (C,)."""
+    x, dy, axis, gamma, beta = inputs(shape, "nchw", "float32", param_dtype="float32")
+    st = bn.batch_stats(x, axis=axis)
+    mean = st.mean.astype(np.float32)
+    var = st.var.astype(np.float32)
+    return x, dy, axis, gamma, beta, mean, var
+
+
+class UserFunctions:
+    params = [USER_SHAPES]
+    param_names = ["shape"]
+    timeout = 120
+
+    def setup(self, shape):
+        bn.set_num_threads(None)
+        (self.x, self.dy, self.axis, self.gamma, self.beta, self.mean,
+         self.var) = user_inputs(shape)
+        _, self.st = bn.forward_train(self.x, self.gamma, self.beta, axis=self.axis)
+
+    def time_forward_train(self, shape):
+        bn.forward_train(self.x, self.gamma, self.beta, axis=self.axis)
+
+    def time_forward_eval(self, shape):
+        bn.forward_eval(self.x, self.mean, self.var, self.gamma, self.beta, axis=self.axis)
+
+    def time_backward(self, shape):
+        bn.backward(self.dy, self.x, self.st, self.gamma, axis=self.axis)
+
+
+class UserLayer:
+    params = [USER_SHAPES]
+    param_names = ["shape"]
+    timeout = 120
+
+    def setup(self, shape):
+        bn.set_num_threads(None)
+        self.x, self.dy, axis, gamma, beta, mean, var = user_inputs(shape)
+        c = self.x.shape[axis]
+        self.train_layer = bn.BatchNorm(c)
+        self.train_layer.gamma, self.train_layer.beta = gamma, beta
+        self.train_layer(self.x)  # a training call, so that backward has its input
+        self.eval_layer = bn.BatchNorm(c)
+        self.eval_layer.gamma, self.eval_layer.beta = gamma, beta
+        self.eval_layer.running_mean, self.eval_layer.running_var = mean, var
+        self.eval_layer.eval()
+
+    def time_layer_train(self, shape):
+        self.train_layer(self.x)
+
+    def time_layer_eval(self, shape):
+        self.eval_layer(self.x)
+
+    def time_layer_backward(self, shape):
+        self.train_layer.backward(self.dy)
+
+
+class CallOverhead:
+    """(4, 4) float32: batchnorm's eval call against np.multiply on the same array."""
+
+    unit = "time / np.multiply"
+    timeout = 60
+
+    def setup(self):
+        bn.set_num_threads(None)
+        self.x, _, self.axis, self.gamma, self.beta, self.mean, self.var = user_inputs("4x4")
+        self.y = np.zeros_like(self.x)
+
+    def _eval(self):
+        x, m, v, g, b, ax = self.x, self.mean, self.var, self.gamma, self.beta, self.axis
+        return lambda: bn.forward_eval(x, m, v, g, b, axis=ax)
+
+    def _eval_out(self):
+        x, m, v, g, b, ax, y = (self.x, self.mean, self.var, self.gamma, self.beta, self.axis,
+                                self.y)
+        return lambda: bn.forward_eval(x, m, v, g, b, axis=ax, out=y)
+
+    def _multiply(self):
+        x, y = self.x, self.y
+        return lambda: np.multiply(x, 2.0, out=y)
+
+    def _ratio(self, call) -> float:
+        medians = interleaved_medians({"bn": call, "multiply": self._multiply()})
+        return medians["bn"] / medians["multiply"]
+
+    def time_forward_eval(self):
+        bn.forward_eval(self.x, self.mean, self.var, self.gamma, self.beta, axis=self.axis)
+
+    def time_forward_eval_out(self):
+        bn.forward_eval(self.x, self.mean, self.var, self.gamma, self.beta, axis=self.axis,
+                        out=self.y)
+
+    def time_multiply(self):
+        np.multiply(self.x, 2.0, out=self.y)
+
+    def track_ratio_to_multiply(self):
+        """forward_eval allocating its output (the user's call) / np.multiply with out=."""
+        return self._ratio(self._eval())
+
+    def track_ratio_out_to_multiply(self):
+        """forward_eval with out= / np.multiply with out=: the call's own overhead."""
+        return self._ratio(self._eval_out())
