@@ -96,11 +96,6 @@ def stats_pair(st: Any) -> tuple:
     raise TypeError(f"st must be a Stats (mean, var, count), got {type(st).__name__}")
 
 
-def count(shape: tuple, axis: int) -> int:
-    """Values per channel: the product of all dimensions but the channel axis."""
-    return math.prod(d for i, d in enumerate(shape) if i != axis)
-
-
 def check_finite(a: np.ndarray, axis: int, name: str) -> None:
     """With check_finite=True: a clear error naming the channels that hold NaN or inf."""
     finite = np.isfinite(a.astype(np.float32) if a.itemsize == 2 else a)
