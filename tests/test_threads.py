@@ -17,6 +17,8 @@ the input of the layer's last forward call, whichever thread made it). See the d
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -26,7 +28,8 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from batchnorm import _validation
+from batchnorm import _kernels, _validation
+from conftest import python_cmd
 
 FLOAT_DTYPES = tuple(np.dtype(d) for d in _validation.FLOAT_DTYPES)
 WORKERS = 4
@@ -208,3 +211,60 @@ def test_kernels_release_the_gil(name, dtype, no_gil_switching):
     # Control: pure Python work holding the GIL does not let the witness run.
     assert not _ever_runs_meanwhile(lambda: sum(range(200_000)), tries=2)
     assert _ever_runs_meanwhile(calls[name], tries=20), f"{name} held the GIL for the whole call"
+
+
+# --- processes: fork ------------------------------------------------------------------------
+
+FORK_SCRIPT = r"""
+import multiprocessing as mp, os, sys
+import numpy as np
+import batchnorm as bn
+
+x = np.random.default_rng(5).normal(2.0, 3.0, (32, 16, 32, 32)).astype(np.float32)
+
+def work(seed):
+    y, st = bn.forward_train(x)          # large enough for a thread team in the parent
+    dx = bn.backward(x, x, st)[0]
+    return y.tobytes() == want_y and dx.tobytes() == want_dx, bn.get_num_threads()
+
+bn.set_num_threads(2)
+y, st = bn.forward_train(x)              # the parent has started its OpenMP team
+want_y, want_dx = y.tobytes(), bn.backward(x, x, st)[0].tobytes()
+pid = os.fork()
+if pid == 0:
+    same, threads = work(0)
+    os._exit(0 if same and threads == 1 else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+with mp.get_context("fork").Pool(2) as pool:
+    results = pool.map(work, range(4))
+assert all(same and threads == 1 for same, threads in results), results
+print("fork ok", bn.get_num_threads())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork exists on POSIX systems only")
+def test_children_of_fork_compute_on_one_thread():
+    """After a threaded call in the parent, a forked child (os.fork, a multiprocessing pool
+    in the "fork" context) gets the same bits on one thread instead of hanging in OpenMP."""
+    proc = subprocess.run(python_cmd() + ["-c", FORK_SCRIPT], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["fork", "ok", "2" if bn.config()["openmp"] else "1"]
+
+
+def test_thread_requests_are_checked_and_capped(threads):
+    for bad in (True, np.bool_(True), 2.0, "2"):
+        with pytest.raises(TypeError, match="n must be a positive integer"):
+            bn.set_num_threads(bad)
+    with pytest.raises(ValueError, match="positive number of threads"):
+        bn.set_num_threads(0)
+    bn.set_num_threads(10**6)
+    cap = bn.get_num_threads()
+    assert cap == (_kernels.max_threads() if bn.config()["openmp"] else 1)
+    assert cap <= max(16, 4 * (os.cpu_count() or 1))
+    bn.set_num_threads(2**70)           # no OverflowError: capped the same way
+    assert bn.get_num_threads() == cap
+    x = np.broadcast_to(np.float32(1.0), (4096, 64, 64))   # a large input, read 0-strided
+    y, st = bn.forward_train(x, axis=1)
+    assert np.all(y == 0) and np.all(st.var == 0)

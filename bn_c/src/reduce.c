@@ -28,12 +28,51 @@
 
 static int requested_threads = 0; /* 0: OpenMP's default */
 
-void bn_set_num_threads(int n) { requested_threads = n > 0 ? n : 0; }
+/* At most this many threads per processor: more only costs (and a team of a million
+ * threads exhausts the process's memory for stacks). */
+#define BN_MAX_THREADS_PER_PROC 4
+#define BN_MAX_THREADS_MIN 16
+
+int bn_max_threads(void)
+{
+#ifdef _OPENMP
+    int procs = omp_get_num_procs();
+    int cap = BN_MAX_THREADS_PER_PROC * (procs > 0 ? procs : 1);
+    return cap < BN_MAX_THREADS_MIN ? BN_MAX_THREADS_MIN : cap;
+#else
+    return 1;
+#endif
+}
+
+/* fork(): the OpenMP runtime's thread pool does not survive into the child (with GNU
+ * OpenMP the child's first parallel region waits forever for the parent's threads). The
+ * child therefore runs single-threaded, without entering OpenMP at all, until it asks for
+ * threads again with bn_set_num_threads (as PyTorch does). */
+#if defined(_OPENMP) && (defined(__unix__) || defined(__APPLE__))
+#include <pthread.h>
+static void serial_after_fork(void) { requested_threads = 1; }
+static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, serial_after_fork); }
+#define BN_WATCH_FORK() pthread_once(&fork_handler_once, register_fork_handler)
+#else
+#define BN_WATCH_FORK() ((void)0)
+#endif
+
+void bn_set_num_threads(int n)
+{
+    int cap = bn_max_threads();
+    BN_WATCH_FORK();
+    requested_threads = n > 0 ? (n < cap ? n : cap) : 0;
+}
 
 int bn_get_num_threads(void)
 {
 #ifdef _OPENMP
-    return requested_threads > 0 ? requested_threads : omp_get_max_threads();
+    int n;
+    BN_WATCH_FORK();
+    if (requested_threads > 0) return requested_threads;
+    n = omp_get_max_threads();
+    return n < bn_max_threads() ? n : bn_max_threads();
 #else
     return 1;
 #endif

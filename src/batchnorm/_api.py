@@ -217,8 +217,11 @@ def backward(
 def set_num_threads(n: Optional[int]) -> None:
     """Set the number of threads the kernels use; None restores the default.
 
-    The default is OpenMP's (``OMP_NUM_THREADS``, or the number of cores). Results are
-    bit-identical for any thread count.
+    The default is OpenMP's (``OMP_NUM_THREADS``, or the number of cores). Requests above
+    4 threads per processor (at least 16) are capped there. Results are bit-identical for
+    any thread count. In a child made by ``os.fork()`` (``multiprocessing``'s "fork"
+    context, data loaders) the kernels run on one thread until this is called in the child;
+    see :doc:`numerics` for why.
 
     >>> import batchnorm as bn
     >>> bn.set_num_threads(1); bn.get_num_threads()
@@ -228,10 +231,16 @@ def set_num_threads(n: Optional[int]) -> None:
     if n is None:
         _kernels.set_num_threads(0)
         return
-    k = operator.index(n)
+    if isinstance(n, (bool, np.bool_)):
+        raise TypeError(f"n must be a positive integer number of threads or None, got {n!r}")
+    try:
+        k = operator.index(n)
+    except TypeError:
+        raise TypeError(
+            f"n must be a positive integer number of threads or None, got {n!r}") from None
     if k < 1:
         raise ValueError(f"n must be a positive number of threads or None, got {n!r}")
-    _kernels.set_num_threads(k)
+    _kernels.set_num_threads(min(k, _kernels.max_threads()))
 
 
 def get_num_threads() -> int:

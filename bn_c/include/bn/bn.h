@@ -93,9 +93,13 @@ int bn_backward_bf16(bn_shape s, const uint16_t *dy, bn_strides dys, const uint1
                      const double *var, const double *gamma, double eps, int training,
                      double *dgamma, double *dbeta);
 
-/* Threads: n <= 0 restores the default (OpenMP's, which honours OMP_NUM_THREADS). */
+/* Threads: n <= 0 restores the default (OpenMP's, which honours OMP_NUM_THREADS). Requests
+ * are capped at bn_max_threads() (4 per processor, at least 16). After fork() the child runs
+ * single-threaded until bn_set_num_threads is called in it: OpenMP's thread pool does not
+ * survive a fork. */
 void bn_set_num_threads(int n);
 int bn_get_num_threads(void);
+int bn_max_threads(void);
 int bn_has_openmp(void);
 
 /* Instruction set paths: "baseline", "avx2", "avx512". The active one is chosen once, at
