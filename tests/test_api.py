@@ -735,11 +735,19 @@ def test_random_shapes_and_axes_match_reference():
 # --- doctests ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "module", ["batchnorm", "batchnorm._api", "batchnorm._layer", "batchnorm._config"]
-)
+@pytest.mark.parametrize("module", ["batchnorm", "batchnorm._api", "batchnorm._layer",
+                                    "batchnorm._config", "batchnorm._stats"])
 def test_doctests(module):
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0, f"{module} has no doctests"
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("module", ["batchnorm", "batchnorm._api"])
+def test_every_name_in_all_exists(module):
+    mod = importlib.import_module(module)
+    for name in mod.__all__:
+        assert hasattr(mod, name), f"{module}.__all__ lists {name!r}, which it lacks"
+    assert bn.supported_dtypes()[:3] == (np.dtype(np.float32), np.dtype(np.float64),
+                                         np.dtype(np.float16))

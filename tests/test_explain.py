@@ -174,7 +174,8 @@ def test_csv_data(tmp_path, capsys):
 
 def test_bad_arguments_fail_cleanly():
     for argv in (["--batch-size", "1"], ["--example", "1,2,3"], ["--data", "/no/such.npy"],
-                 ["--axis", "0"], ["--gamma", "1,2"]):
+                 ["--axis", "0"], ["--gamma", "1,2"], ["--batch", "nan,1;2,3"],
+                 ["--batch", "1,inf;2,3"], ["--data", "1,2;nan,4"]):
         with pytest.raises(SystemExit) as info:
             main(["explain", "--topic", "walkthrough", *argv])
         assert "explain:" in str(info.value.code), argv

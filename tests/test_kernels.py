@@ -31,7 +31,7 @@ from conftest import (
 )
 
 
-def run_python(code, env_extra=None, args=None, timeout=300):
+def run_python(code, env_extra=None, args=None, timeout=300, stderr=False):
     """Run `python -c code` (or `python args...`) in a clean subprocess; returns stdout.
 
     Every child imports batchnorm afresh (with an editable install that means a rebuild
@@ -44,7 +44,7 @@ def run_python(code, env_extra=None, args=None, timeout=300):
     cmd = python_cmd() + (args if args is not None else ["-c", code])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+    return (proc.stdout, proc.stderr) if stderr else proc.stdout
 
 
 # --- ISA paths -----------------------------------------------------------------------------
@@ -115,8 +115,10 @@ def test_environment_variable_forces_the_other_isas(name):
 
 
 def test_info_command_runs():
-    # an unknown BATCHNORM_ISA is ignored: the best available path runs
-    out = run_python(None, {"BATCHNORM_ISA": "no-such-isa"}, args=["-m", "batchnorm", "info"])
+    # an unknown BATCHNORM_ISA is said (a RuntimeWarning), and the best available path runs
+    out, err = run_python(None, {"BATCHNORM_ISA": "no-such-isa"},
+                          args=["-m", "batchnorm", "info"], stderr=True)
+    assert "RuntimeWarning: BATCHNORM_ISA='no-such-isa' is not a kernel set" in err
     lines = dict(line.split(":", 1) for line in out.strip().splitlines())
     lines = {k.strip(): v.strip() for k, v in lines.items()}
     assert lines["isa"] == _kernels.available_isas()[-1]

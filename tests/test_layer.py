@@ -357,9 +357,21 @@ def test_load_state_dict_converts_to_the_layer_dtype():
         (lambda s: s.update(beta=np.ones(4, complex)), TypeError, "beta must be a real"),
         (lambda s: s.update(num_batches_tracked=-1), ValueError, "num_batches_tracked must be"),
         (lambda s: s.update(num_batches_tracked=1.5), TypeError, "num_batches_tracked must be an"),
+        (lambda s: s.update(num_batches_tracked=2**63), ValueError, r"\[0, 2\*\*63\)"),
+        (lambda s: s.update(running_var=np.array([1.0, -1.0, 1.0, 1.0])), ValueError,
+         r"running_var must be non-negative, got negative values in channel\(s\) 1"),
+        (lambda s: s.update(running_var=np.array([1.0, 1.0, np.nan, 1.0])), ValueError,
+         r"running_var must be finite, got NaN or inf in channel\(s\) 2"),
+        (lambda s: s.update(running_mean=np.array([np.inf, 0.0, 0.0, 0.0])), ValueError,
+         r"running_mean must be finite"),
+        (lambda s: s.update(running_mean=np.array([0.0, 0.0, 0.0, 1e39])), ValueError,
+         r"running_mean has values beyond the range of float32 in channel\(s\) 3"),
+        (lambda s: s.update(gamma=np.array([0.0, -1e300, 0.0, 0.0])), ValueError,
+         r"gamma has values beyond the range of float32"),
     ],
     ids=["missing", "unexpected", "gamma-length", "mean-2d", "var-length", "beta-complex",
-         "count-negative", "count-float"],
+         "count-negative", "count-float", "count-int64", "var-negative", "var-nan",
+         "mean-inf", "mean-overflow", "gamma-overflow"],
 )
 def test_load_state_dict_rejects_bad_state_and_changes_nothing(change, exc, msg):
     layer = trained_layer(np.float32)
@@ -505,3 +517,55 @@ def test_non_finite_input_leaves_running_statistics_alone(bad, momentum):
     if momentum is None:
         means = [ref.batch_stats(g).mean for g in good]
         np.testing.assert_allclose(layer.running_mean, np.mean(means, axis=0), rtol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "gamma", "beta"])
+def test_setters_check_values_like_load_state_dict(name):
+    layer = bn.BatchNorm(4)
+    before = getattr(layer, name).copy()
+    with pytest.raises(ValueError, match=f"{name} has values beyond the range of float32"):
+        setattr(layer, name, np.array([1.0, 1.0, 1e40, 1.0]))
+    assert np.array_equal(getattr(layer, name), before)
+
+
+def test_num_features_and_axis_are_not_bools():
+    with pytest.raises(TypeError, match="num_features must be an integer"):
+        bn.BatchNorm(True)
+    with pytest.raises(TypeError, match="axis must be an integer"):
+        bn.BatchNorm(4, axis=False)
+
+
+def test_running_statistics_stay_finite_when_the_cast_overflows():
+    """A finite batch whose variance overflows float32 leaves the running statistics as
+    they were (with a warning), rather than storing inf."""
+    layer = bn.BatchNorm(3, momentum=0.5)
+    x = np.array([[3e19, 1.0, 0.0], [-3e19, 2.0, 1.0]], np.float64)
+    before = layer.state_dict()
+    with pytest.warns(RuntimeWarning, match="not updated"):
+        layer(x)
+    assert state_equal(layer.state_dict(), before)
+    assert np.isfinite(layer.running_var).all()
+
+
+@pytest.mark.parametrize("trap", ["errstate", "warnings"])
+def test_a_call_that_raises_changes_no_state(trap):
+    """Under np.errstate(all='raise') a training call works and updates everything; with
+    warnings turned into errors, a batch with NaN raises before any state changes."""
+    import warnings
+    layer = trained_layer(np.float32)
+    x = np.random.default_rng(3).normal(size=(8, 4)).astype(np.float32)
+    if trap == "errstate":
+        n = layer.num_batches_tracked
+        with np.errstate(all="raise"):
+            layer(x)
+            layer.backward(x)
+        assert layer.num_batches_tracked == n + 1
+        return
+    before = layer.state_dict()
+    saved = layer._saved
+    x[0, 1] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="not updated"):
+            layer(x)
+    assert state_equal(layer.state_dict(), before) and layer._saved is saved

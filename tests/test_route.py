@@ -245,11 +245,39 @@ ERRORS = [
     (lambda o: bn.forward_eval(X, M3, V3, out=np.empty((3, 4), np.float32)), ValueError,
      r"out must have shape \(4, 3\), got \(3, 4\)"),
     (lambda o: bn.forward_eval(X, M3, V3, out=[[0.0] * 3] * 4), TypeError,
-     "out must be a numpy.ndarray, got list"),
+     r"out must be a numpy.ndarray \(not a matrix or masked array\), got list"),
     (lambda o: bn.batch_stats(np.ones((0, 3))), ValueError, "no values per channel"),
+    (lambda o: bn.forward_eval(X, M3, V3, axis=2**70, out=o), ValueError,
+     "axis 1180591620717411303424 is out of range"),
+    (lambda o: bn.forward_eval(X, M3, V3, axis=True, out=o), TypeError, "axis must be an integer"),
+    (lambda o: bn.forward_eval(X, M3, V3, eps=None, out=o), TypeError, "eps must be a real"),
+    (lambda o: bn.forward_eval(X, M3, V3, eps="abc", out=o), TypeError, "eps must be a real"),
+    (lambda o: bn.forward_eval(X, M3, V3, eps="1e-5", out=o), TypeError, "eps must be a real"),
+    (lambda o: bn.forward_eval(X, M3, V3, eps=[1e-5], out=o), TypeError, "eps must be a real"),
+    (lambda o: bn.forward_eval(X, M3, V3, eps=1j, out=o), TypeError, "eps must be a real"),
+    (lambda o: bn.forward_eval(X, M3, V3, eps=10**400, out=o), ValueError,
+     "eps must be a finite number >= 0"),
+    (lambda o: bn.forward_eval(X, M3, V3, out=np.matrix(np.zeros((4, 3), np.float32))),
+     TypeError, "out must be a numpy.ndarray"),
+    (lambda o: bn.forward_eval(X, M3, V3, out=np.ma.zeros((4, 3), np.float32)),
+     TypeError, "out must be a numpy.ndarray"),
+    (lambda o: bn.forward_eval(np.ma.array(X, mask=X > 0), M3, V3, out=o), TypeError,
+     "x is a numpy.ma.MaskedArray, whose mask batchnorm would ignore"),
+    (lambda o: bn.forward_eval(X, M3, V3, np.ma.array(V3), out=o), TypeError,
+     "gamma is a numpy.ma.MaskedArray"),
+    (lambda o: bn.forward_train([[1.0, 2.0, 3.0], [1.0, 2.0]], out=o), ValueError,
+     "x must be a rectangular array of numbers"),
+    (lambda o: bn.backward(X, X, (M3, None), out=o), TypeError, r"st.var must be an array"),
+    (lambda o: bn.backward(X, X, np.stack([M3, V3]), out=o), TypeError,
+     r"st must be a Stats .* got an ndarray of shape \(2, 3\)"),
+    (lambda o: bn.backward(X, X, (M3, V3), training=None, out=o), TypeError,
+     "training must be True or False, got None"),
+    (lambda o: bn.forward_train(X, check_finite="yes", out=o), TypeError,
+     "check_finite must be True or False"),
 ]
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
 @pytest.mark.parametrize("call, exc, match", ERRORS)
 def test_every_rule_raises_before_writing(call, exc, match):
     out = np.full((4, 3), 7.0, np.float32)

@@ -19,6 +19,7 @@ from ._api import (
     forward_train,
     get_num_threads,
     set_num_threads,
+    supported_dtypes,
 )
 from ._config import available_isas, config, show_config
 from ._layer import BatchNorm
@@ -37,4 +38,5 @@ __all__ = [
     "get_num_threads",
     "set_num_threads",
     "show_config",
+    "supported_dtypes",
 ]

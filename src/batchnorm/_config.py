@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 from . import _kernels
+
+
+def _check_forced_isa() -> None:
+    """BATCHNORM_ISA names a kernel set; one this build and CPU cannot run is said, not
+    silently replaced by the best available one."""
+    forced = os.environ.get("BATCHNORM_ISA", "")
+    if forced and forced != _kernels.active_isa():
+        warnings.warn(
+            f"BATCHNORM_ISA={forced!r} is not a kernel set this build and CPU can run "
+            f"(available: {', '.join(_kernels.available_isas())}); using "
+            f"{_kernels.active_isa()!r}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+_check_forced_isa()
 
 
 def available_isas() -> tuple:

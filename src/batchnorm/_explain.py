@@ -108,7 +108,14 @@ def parse_matrix(text: str) -> np.ndarray:
         raise _fail(f"cannot read numbers from {text!r}: {e}") from None
     if not data or len({len(r) for r in data}) != 1 or not data[0]:
         raise _fail(f"{text!r} is not a rectangle of numbers")
-    return np.array(data, dtype=np.float64)
+    return _finite(np.array(data, dtype=np.float64), repr(text))
+
+
+def _finite(data: np.ndarray, what: str) -> np.ndarray:
+    """The walk-through shows exact numbers: NaN or inf in the data is refused up front."""
+    if not np.isfinite(data).all():
+        raise _fail(f"{what} holds NaN or inf; the walk-through needs finite numbers")
+    return data
 
 
 def load_batch(args: argparse.Namespace) -> np.ndarray:
@@ -136,7 +143,7 @@ def load_batch(args: argparse.Namespace) -> np.ndarray:
         raise _fail(f"cannot read {args.data}: {e}") from None
     if data.ndim < 2:
         raise _fail(f"{args.data} holds an array of shape {data.shape}; at least 2-D is needed")
-    return data
+    return _finite(data, args.data)
 
 
 def _param(text: Optional[str], c: int, name: str, default: float) -> np.ndarray:

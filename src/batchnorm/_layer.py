@@ -16,6 +16,11 @@ __all__ = ["BatchNorm"]
 _STATE_KEYS = ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked")
 
 
+def _channels(bad: np.ndarray) -> str:
+    idx = np.flatnonzero(bad)
+    return ", ".join(map(str, idx[:10])) + (", ..." if idx.size > 10 else "")
+
+
 class BatchNorm:
     """Batch normalization layer with PyTorch's semantics, for NumPy arrays.
 
@@ -76,6 +81,8 @@ class BatchNorm:
         check_finite: bool = False,
     ) -> None:
         try:
+            if isinstance(num_features, (bool, np.bool_)):
+                raise TypeError
             c = operator.index(num_features)
         except TypeError:
             raise TypeError(f"num_features must be an integer, got {num_features!r}") from None
@@ -109,7 +116,22 @@ class BatchNorm:
     # --- state --------------------------------------------------------------------------
 
     def _checked_vector(self, value: Any, name: str) -> np.ndarray:
-        return _validation.vector(value, self.num_features, name).astype(self.dtype)
+        """value as a (C,) vector in the layer's dtype, its values checked: no value that
+        overflows the dtype; running statistics finite, the variance >= 0."""
+        v = _validation.vector(value, self.num_features, name)
+        with np.errstate(all="ignore"):  # the overflow is reported below, by name
+            cast = v.astype(self.dtype)
+        finite = np.isfinite(v)
+        if name.startswith("running_") and not finite.all():
+            raise ValueError(f"{name} must be finite, got NaN or inf in channel(s) "
+                             f"{_channels(~finite)}")
+        if (finite & ~np.isfinite(cast)).any():
+            raise ValueError(f"{name} has values beyond the range of {self.dtype.name} in "
+                             f"channel(s) {_channels(finite & ~np.isfinite(cast))}")
+        if name == "running_var" and (v < 0).any():
+            raise ValueError(f"running_var must be non-negative, got negative values in "
+                             f"channel(s) {_channels(v < 0)}")
+        return cast
 
     def _vector_property(name: str, needs: str):  # noqa: N805 (a property factory)
         attr = "_" + name
@@ -174,8 +196,9 @@ class BatchNorm:
                     raise TypeError(
                         f"num_batches_tracked must be an integer, got {state[key]!r}"
                     ) from None
-                if n < 0:
-                    raise ValueError(f"num_batches_tracked must be >= 0, got {n}")
+                if not 0 <= n < 2**63:
+                    raise ValueError(
+                        f"num_batches_tracked must be in [0, 2**63) (an int64 count), got {n}")
                 new[key] = n
             else:
                 new["_" + key] = self._checked_vector(state[key], key)

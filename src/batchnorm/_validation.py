@@ -35,9 +35,28 @@ def supported_dtypes() -> tuple:
     return FLOAT_DTYPES + (np.dtype(ml_dtypes.bfloat16),)
 
 
+def not_masked(a: Any, name: str) -> None:
+    """numpy.ma arrays would lose their mask silently: refused, saying what to do."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy.ma.MaskedArray, whose mask batchnorm would ignore (masks are "
+            f"not supported); pass {name}.filled(value), or {name}.data to ignore the mask")
+
+
+def as_array(a: Any, name: str) -> np.ndarray:
+    """a as an ndarray (no copy when it is one), with a clear error for what is not."""
+    if type(a) is np.ndarray:
+        return a
+    not_masked(a, name)
+    try:
+        return np.asarray(a)
+    except (ValueError, TypeError) as e:  # e.g. a ragged nested list
+        raise ValueError(f"{name} must be a rectangular array of numbers: {e}") from None
+
+
 def as_input(a: Any, name: str) -> np.ndarray:
     """A float ndarray (see supported_dtypes) with native byte order and ndim >= 2."""
-    arr = a if type(a) is np.ndarray else np.asarray(a)
+    arr = as_array(a, name)
     dt = arr.dtype
     if dt not in FLOAT_DTYPES and not is_bfloat16(dt):
         if dt.kind == "f" and dt.newbyteorder("=") in FLOAT_DTYPES:
@@ -55,7 +74,9 @@ def as_input(a: Any, name: str) -> np.ndarray:
 
 
 def axis_index(axis: Any) -> int:
-    """axis as a Python int (any integer type), or a TypeError naming it."""
+    """axis as a Python int (any integer type but bool), or a TypeError naming it."""
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
     try:
         return operator.index(axis)
     except TypeError:
@@ -71,7 +92,14 @@ def channel_axis(axis: Any, ndim: int) -> int:
 
 
 def eps(value: Any) -> float:
-    e = float(value)
+    if isinstance(value, (str, bytes, complex, np.complexfloating)) or value is None:
+        raise TypeError(f"eps must be a real number, got {value!r}")
+    try:
+        e = float(value)
+    except OverflowError:
+        e = math.inf
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a real number, got {value!r}") from None
     if not (e >= 0.0 and math.isfinite(e)):
         raise ValueError(f"eps must be a finite number >= 0, got {value!r}")
     return e
@@ -79,7 +107,7 @@ def eps(value: Any) -> float:
 
 def vector(v: Any, channels: int, name: str) -> np.ndarray:
     """v as a contiguous, aligned float64 vector of length C (a copy where it is not one)."""
-    arr = v if type(v) is np.ndarray else np.asarray(v)
+    arr = as_array(v, name)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if arr.shape != (channels,):
@@ -88,12 +116,26 @@ def vector(v: Any, channels: int, name: str) -> np.ndarray:
 
 
 def stats_pair(st: Any) -> tuple:
-    """(mean, var) of a Stats, of anything with .mean and .var, or of a (mean, var[, count])."""
-    if hasattr(st, "mean") and hasattr(st, "var"):
-        return st.mean, st.var
+    """(mean, var) of a Stats, of anything with .mean and .var attributes (not methods, as
+    an ndarray's are), or of a (mean, var[, count]) tuple or list."""
+    if isinstance(st, np.ndarray):
+        raise TypeError(
+            f"st must be a Stats (mean, var, count) or a (mean, var) pair, got an ndarray of "
+            f"shape {st.shape}; for a stacked (2, C) array pass tuple(st)")
+    mean, var = getattr(st, "mean", None), getattr(st, "var", None)
+    if mean is not None and var is not None and not (callable(mean) or callable(var)):
+        return mean, var
     if isinstance(st, (tuple, list)) and len(st) in (2, 3):
         return st[0], st[1]
-    raise TypeError(f"st must be a Stats (mean, var, count), got {type(st).__name__}")
+    raise TypeError(f"st must be a Stats (mean, var, count) or a (mean, var) pair, got "
+                    f"{type(st).__name__}")
+
+
+def flag(value: Any, name: str) -> bool:
+    """A True/False argument; None or other objects are not taken as either."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_finite(a: np.ndarray, axis: int, name: str) -> None:
