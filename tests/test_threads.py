@@ -268,3 +268,41 @@ def test_thread_requests_are_checked_and_capped(threads):
     x = np.broadcast_to(np.float32(1.0), (4096, 64, 64))   # a large input, read 0-strided
     y, st = bn.forward_train(x, axis=1)
     assert np.all(y == 0) and np.all(st.var == 0)
+
+
+MEMORY_SCRIPT = r"""
+import resource
+import numpy as np
+import batchnorm as bn
+x = np.empty((8192, 4096, 2), np.float16)       # 128 MiB; one partial result per row
+x[...] = 1.5
+x[::2] = 0.5
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+st = bn.batch_stats(x, axis=1)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+assert np.all(st.mean == 1.0) and np.all(st.var == 0.25), (st.mean[:3], st.var[:3])
+print(grown)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux")
+def test_batch_statistics_scratch_is_bounded_by_the_partition_not_the_rows():
+    """Tall inputs: the partial results of batch_stats (16 bytes per row and channel here,
+    512 MiB) are taken chunk of channels by chunk, so scratch stays a few MiB."""
+    proc = subprocess.run(python_cmd() + ["-c", MEMORY_SCRIPT], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) < 48, f"batch_stats grew the peak memory by {proc.stdout} MiB"
+
+
+def test_chunked_batch_statistics_give_the_same_bits(threads):
+    """(200, 8192, 2): one partial per row and channel, 26 MB of them, so batch_stats goes
+    chunk of channels by chunk; the bits are those of forward_train's statistics (chunked
+    by bytes of data instead) and the same on 1 and 2 threads."""
+    x = np.random.default_rng(1).normal(3, 2, (200, 8192, 2)).astype(np.float32)
+    st = bn.batch_stats(x)
+    _, st_train = bn.forward_train(x)
+    assert np.array_equal(st.mean, st_train.mean) and np.array_equal(st.var, st_train.var)
+    bn.set_num_threads(1)
+    st1 = bn.batch_stats(x)
+    assert np.array_equal(st1.mean, st.mean) and np.array_equal(st1.var, st.var)

@@ -1,21 +1,32 @@
 /* Batch statistics for element type BN_T. Included once per type by stats.c. */
 #include "units_impl.h"
 
-/* The reductions, then the merge, of one call. Their worksharing constructs bind to the
- * caller's team, as in train_chunks: inside a parallel region the threads share each loop,
- * outside it they run serially. */
-static void FN(stats_passes)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
+/* Partial results of one chunk of channels take at most about this many bytes (unless a
+ * single merge block of channels needs more): batch statistics of a tall input (many rows,
+ * each its own partial) would otherwise need scratch in proportion to rows x channels. */
+#define BN_STATS_SCRATCH_BYTES ((size_t)8 << 20)
+
+/* The reductions, then the merge, chunk of channels by chunk. Their worksharing constructs
+ * bind to the caller's team, as in train_chunks: inside a parallel region the threads share
+ * each loop, outside it they run serially. A channel's pieces, and so its results, do not
+ * depend on the chunks. */
+static void FN(stats_chunks)(bn_shape s, const BN_T *x, bn_strides xs, ptrdiff_t cc,
                              double *scratch, ptrdiff_t size, double *mean, double *var)
 {
-    ptrdiff_t u, b, blocks = bn_merge_blocks(t);
+    ptrdiff_t c0, u, b;
+    for (c0 = 0; c0 < s.channels; c0 += cc) {
+        bn_tiling t = bn_make_tiling(s, c0, bn_min(cc, s.channels - c0));
+        ptrdiff_t blocks = bn_merge_blocks(&t);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
-    for (u = 0; u < t->units; ++u) FN(stats_unit)(t, s, x, xs, u, scratch, scratch + size);
+        for (u = 0; u < t.units; ++u) FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-    for (b = 0; b < blocks; ++b) bn_merge_moments(t, s, scratch, scratch + size, mean, var, b);
+        for (b = 0; b < blocks; ++b)
+            bn_merge_moments(&t, s, scratch, scratch + size, mean + c0, var + c0, b);
+    }
 }
 
 int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double *mean,
@@ -23,7 +34,8 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
 {
     bn_tiling t;
     double *scratch;
-    ptrdiff_t c, size;
+    ptrdiff_t c, cc, size;
+    size_t per_channel;
     int nt;
     if (!bn_shape_ok(s) || (s.channels > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (s.channels == 0) return BN_OK;
@@ -32,8 +44,16 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
         return BN_OK;
     }
     if (!x) return BN_ERR_ARG;
+    /* the parts per channel follow from the whole shape, the same for every chunk */
     t = bn_make_tiling(s, 0, s.channels);
-    size = t.parts * BN_PART_STRIDE(s.channels);
+    per_channel = 2 * sizeof(double) * (size_t)t.parts;
+    cc = s.channels;
+    if (per_channel * (size_t)BN_PART_STRIDE(cc) > BN_STATS_SCRATCH_BYTES) {
+        cc = (ptrdiff_t)(BN_STATS_SCRATCH_BYTES / per_channel) / BN_MERGE_BLOCK * BN_MERGE_BLOCK;
+        if (cc < BN_MERGE_BLOCK) cc = BN_MERGE_BLOCK;
+    }
+    if (cc < s.channels) t = bn_make_tiling(s, 0, cc);
+    size = t.parts * BN_PART_STRIDE(cc);
     scratch = (double *)bn_alloc_aligned(sizeof(double) * 2 * (size_t)size);
     if (!scratch) return BN_ERR_NOMEM;
     nt = bn_threads_for(s.outer * s.channels * s.inner, 1, t.units);
@@ -41,9 +61,9 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
-        FN(stats_passes)(&t, s, x, xs, scratch, size, mean, var);
+        FN(stats_chunks)(s, x, xs, cc, scratch, size, mean, var);
     } else {
-        FN(stats_passes)(&t, s, x, xs, scratch, size, mean, var);
+        FN(stats_chunks)(s, x, xs, cc, scratch, size, mean, var);
     }
     bn_free_aligned(scratch);
     return BN_OK;
