@@ -277,20 +277,42 @@ def test_backward_before_forward_raises():
     assert layer.grad_gamma is None
 
 
-def test_backward_after_an_in_place_forward_raises():
+def test_backward_after_an_in_place_forward():
+    """Training mode keeps a copy of its input, so out=x still has a backward; eval mode
+    makes no copy, and its backward after out=x is refused."""
     rng = np.random.default_rng(39)
     layer = bn.BatchNorm(3, dtype=np.float64)
     x = make_x(rng, (6, 3), 1, np.float64)
-    expected = ref.forward_train(x.copy())[0]
+    x0 = x.copy()
+    expected = ref.forward_train(x0)[0]
+    dy = make_x(rng, (6, 3), 1, np.float64)
     y = layer(x, out=x)
     assert y is x
     assert_out_close(x, expected, np.float64)
+    dx = layer.backward(dy)
+    assert_grad_close(dx, ref.backward(dy, x0, ref.batch_stats(x0))[0], np.float64)
+    layer.eval()
+    x = x0.copy()
+    layer(x, out=x)
     with pytest.raises(RuntimeError, match="overwrote"):
         layer.backward(np.ones_like(x))
     # the next ordinary forward makes backward available again
     x2 = make_x(rng, (6, 3), 1, np.float64)
     layer(x2)
     assert layer.backward(np.ones_like(x2)).shape == x2.shape
+
+
+def test_training_backward_does_not_see_a_reused_input_buffer():
+    """A data loader refilling the batch buffer before backward changes no gradient."""
+    rng = np.random.default_rng(41)
+    layer = bn.BatchNorm(4)
+    buf = make_x(rng, (16, 4, 3), 1, np.float32)
+    x0 = buf.copy()
+    layer(buf)
+    buf[...] = make_x(rng, buf.shape, 1, np.float32)     # the next batch arrives
+    dy = make_x(rng, buf.shape, 1, np.float32)
+    dx = layer.backward(dy)
+    assert np.array_equal(dx, bn.backward(dy, x0, bn.batch_stats(x0), layer.gamma)[0])
 
 
 def test_backward_errors_change_nothing():

@@ -54,6 +54,16 @@ class BatchNorm:
         Raise ValueError on NaN or inf in the input (and in dy in backward) instead of
         letting them propagate; either way they never enter the running statistics.
 
+    Notes
+    -----
+    :meth:`backward` needs the input of the last forward call. A training-mode call keeps a
+    private copy of it, so the caller may reuse or overwrite its buffer (``out=x`` included)
+    before ``backward``. An eval-mode call makes no copy (inference stays one pass): a
+    backward after it reads ``x`` as it is at that time, and is refused after ``out=x``.
+    A call that raises changes none of the layer's state; under warnings-as-errors the
+    warning about non-finite batch statistics is raised before the layer stores anything
+    (an ``out=`` buffer has been written by then).
+
     Examples
     --------
     >>> import numpy as np, batchnorm as bn
@@ -236,7 +246,14 @@ class BatchNorm:
         The parameters and running statistics go to the kernels as they are (in the layer's
         dtype); the route in ``_kernels`` checks ``x`` and ``out`` once.
         """
-        in_place = out is not None and np.may_share_memory(out, x)
+        if self.training:
+            # backward will follow: keep a private copy of the input, taken before `out`
+            # (which may be x itself) is written, so that a caller reusing its buffer (as
+            # data loaders do) cannot change the gradients
+            x = saved = _validation.as_array(x, "x").copy()
+        else:
+            # inference: no copy on this path; an eval-mode backward reads x as it is then
+            saved = None if out is not None and np.may_share_memory(out, x) else x
         if self.training or not self.track_running_stats:
             y, st = _kernels.forward_train(
                 x, self._gamma, self._beta, self.axis, self.eps, out, self.check_finite,
@@ -252,7 +269,7 @@ class BatchNorm:
             )
             st = (self._running_mean, self._running_var)
             training = False
-        self._saved = (None if in_place else x, st, self._gamma, training)
+        self._saved = (saved, st, self._gamma, training)
         return y
 
     forward = __call__
@@ -287,7 +304,8 @@ class BatchNorm:
         x, st, gamma, training = self._saved
         if x is None:
             raise RuntimeError(
-                "backward() needs the forward input, which the forward call overwrote (out=x)"
+                "backward() needs the forward input, which the eval-mode forward call "
+                "overwrote (out=x)"
             )
         dx, dgamma, dbeta = _kernels.backward(
             dy, x, st, gamma, self.axis, self.eps, training, out, self.check_finite
