@@ -273,3 +273,67 @@ def test_layer_with_eps_zero_and_a_constant_channel():
     assert np.isinf(dx[:, 1]).all()  # 0 * inf would be NaN; dy - mean(dy) != 0 here
     assert np.isfinite(np.delete(dx, 1, axis=1)).all()
     assert layer.grad_gamma[1] == 0.0 and np.isfinite(layer.grad_gamma).all()
+
+
+# --- coefficients that lose precision in the compute type (issue 11, items 3 and 4) --------
+
+def _storage(name):
+    if name == "bfloat16":
+        return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    return np.dtype(name)
+
+
+def _rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+# spread of each channel: a float32 coefficient near 1/var flushes to 0 or a subnormal
+# (float32 and bfloat16 compute in float32), and float64's a * inv * inv underflows
+HUGE_SPREAD = {"float32": 1e25, "bfloat16": 1e25, "float64": 1e150}
+
+
+@pytest.mark.parametrize("name", list(HUGE_SPREAD))
+@pytest.mark.parametrize("shape, axis", [((3, 4), 1), ((3, 2, 5, 5), 1), ((3, 5, 5, 2), -1)])
+def test_training_with_a_huge_spread(isa, threads, name, shape, axis):
+    """x of each channel spread over +-HUGE_SPREAD: forward and backward within a few ulps
+    of the float64 reference (the backward was 5-25% off in float32, 1e120 in float64)."""
+    dt = _storage(name)
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=shape) * HUGE_SPREAD[name]).astype(dt)
+    dy = rng.normal(size=shape).astype(dt)
+    xf, dyf = x.astype(np.float64), dy.astype(np.float64)
+    for nthreads in (1, 2):
+        bn.set_num_threads(nthreads)
+        y, st = bn.forward_train(x, axis=axis)
+        dx, dg, db = bn.backward(dy, x, st, axis=axis)
+        y_ref, st_ref = ref.forward_train(xf, axis=axis)
+        dx_ref, dg_ref, _ = ref.backward(dyf, xf, st_ref, axis=axis)
+        tol = 8 * float(np.finfo(np.float32 if name != "float64" else np.float64).eps)
+        if name == "bfloat16":
+            tol = 2.0 ** -7
+        assert _rel_err(y, y_ref) < tol and _rel_err(dx, dx_ref) < tol
+        assert _rel_err(dg, dg_ref) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16"])
+def test_differences_beyond_the_compute_range_stay_finite(isa, name):
+    """[3e38, 3e38, -3e38]: x - mean overflows float32; the answer is (0.71, 0.71, -1.41)."""
+    dt = _storage(name)
+    x = np.array([[3e38, 1.0], [3e38, 2.0], [-3e38, 3.0]]).astype(dt)
+    y, st = bn.forward_train(x)
+    want = ref.forward_train(x.astype(np.float64))[0]
+    assert np.isfinite(y.astype(np.float64)).all()
+    assert _rel_err(y, want) < (2.0 ** -7 if name == "bfloat16" else 1e-6)
+    dx = bn.backward(np.ones_like(x), x, st)[0]
+    assert np.isfinite(dx.astype(np.float64)).all()
+
+
+def test_forward_eval_with_a_subnormal_float32_scale(isa):
+    """gamma / sqrt(var + eps) = 1e-40 is subnormal in float32 (2 digits): the exact path
+    gives the output to the last bit of float32."""
+    x = np.linspace(1.0, 3.0, 24, dtype=np.float32).reshape(6, 4)
+    var = np.full(4, 1e80)
+    y = bn.forward_eval(x, np.zeros(4), var, eps=0.0)
+    want = x.astype(np.float64) / 1e40
+    assert np.array_equal(y, want.astype(np.float32))

@@ -13,16 +13,21 @@ static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t CS, double
     int wide = 0;
     for (k = c0; k < c0 + cc; ++k) {
         double inv = 1.0 / sqrt(var[k] + eps), a = (gamma ? gamma[k] : 1.0) * inv;
+        int lossy = FN(lossy)(a);
         if (dbeta) dbeta[k] = sdy[k - c0];
         if (dgamma) dgamma[k] = bn_dgamma(sdyx[k - c0], inv);
         coef[k] = (BN_CT)mean[k];
-        coef[CS + k] = (BN_CT)a;
         if (training) {
-            /* dx = a*dy + b*(x - mean) + c, with the rounding of the mean folded into c */
-            double b = -a * inv * inv * sdyx[k - c0] / n, c = -a * sdy[k - c0] / n;
+            /* dx = a*dy + b*(x - mean) + c, with the rounding of the mean folded into c; b
+             * is formed as (a * inv) * (inv * sdyx / n), whose factors stay in range where
+             * a * inv * inv alone would underflow (a float64 channel spread over 1e120) */
+            double b = -(a * inv) * (inv * sdyx[k - c0] / n), c = -a * sdy[k - c0] / n;
+            double c_total = c + b * ((double)coef[k] - mean[k]);
             coef[2 * CS + k] = (BN_CT)b;
-            coef[3 * CS + k] = (BN_CT)(c + b * ((double)coef[k] - mean[k]));
+            coef[3 * CS + k] = (BN_CT)c_total;
+            lossy |= FN(lossy)(b) | FN(lossy)(c_total) | FN(lossy_spread)(n, var[k]);
         }
+        coef[CS + k] = lossy ? (BN_CT)NAN : (BN_CT)a; /* NaN: the marker FN(wide) counts */
         wide += FN(wide)(coef, coef + CS, training ? coef + 2 * CS : NULL,
                          training ? coef + 3 * CS : NULL, k);
     }

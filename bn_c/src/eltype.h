@@ -13,11 +13,15 @@
  * BN_LOAD8D(p) widens 8 elements of any type to a 512-bit double vector. Every lane computes
  * what the scalar code computes, so the vector width never changes a result.
  * No include guard: included once per instantiation. */
+#include <float.h>
+
 #include "half.h"
 
 #undef BN_T
 #undef BN_TN
 #undef BN_CT
+#undef BN_CT_MAX
+#undef BN_CT_MIN
 #undef BN_LD
 #undef BN_ST
 #undef BN_SFMA
@@ -46,9 +50,13 @@
 #define BN_T double
 #define BN_TN f64
 #define BN_CT double
+#define BN_CT_MAX DBL_MAX /* the compute type's largest and smallest normal magnitudes */
+#define BN_CT_MIN DBL_MIN
 #define BN_SFMA fma
 #else
 #define BN_CT float
+#define BN_CT_MAX FLT_MAX
+#define BN_CT_MIN FLT_MIN
 #define BN_SFMA fmaf
 #endif
 

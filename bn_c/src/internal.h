@@ -122,6 +122,9 @@ double bn_exact_y(const bn_call *e, ptrdiff_t c, double x);
 double bn_exact_dx(const bn_call *e, ptrdiff_t c, double dy, double x);
 /* dgamma = sum(dy * (x - mean)) / sqrt(var + eps), which is 0, not NaN, when the sum is 0
  * (a constant channel with eps = 0: every normalized value is 0). */
-double bn_dgamma(double sdyx, double inv);
+static inline double bn_dgamma(double sdyx, double inv)
+{
+    return sdyx == 0.0 ? 0.0 : sdyx * inv;
+}
 
 #endif

@@ -16,7 +16,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     if (!x || !y) return BN_ERR_ARG;
     coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)CS);
     if (!coef) return BN_ERR_NOMEM;
-    wide = FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, coef, coef + CS,
+    wide = FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, 0.0, coef, coef + CS,
                                    coef + 2 * CS);
     FN(wrap_channels)(coef, 3, C, 0, C);
     ex = FN(call_of)(s, mean, var, gamma, beta, eps, &wide);
@@ -64,7 +64,8 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
             ptrdiff_t lo = b * BN_MERGE_BLOCK, n = bn_min(BN_MERGE_BLOCK, t.c_count - lo);
             int w;
             bn_merge_moments(&t, s, scratch, scratch + size, mean + c0, var + c0, b);
-            w = FN(affine_coefficients)(c0 + lo, n, mean, var, gamma, beta, eps, coef, coef + CS,
+            w = FN(affine_coefficients)(c0 + lo, n, mean, var, gamma, beta, eps,
+                                        (double)(s.outer * s.inner), coef, coef + CS,
                                         coef + 2 * CS);
             if (t.c_count == C) FN(wrap_channels)(coef, 3, C, lo, n);
             if (w) {

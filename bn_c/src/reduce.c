@@ -276,7 +276,6 @@ double bn_exact_y(const bn_call *e, ptrdiff_t c, double x)
     return b + (d == 0.0 ? g * 0.0 : bn_mul3(g, d, inv));
 }
 
-double bn_dgamma(double sdyx, double inv) { return sdyx == 0.0 ? 0.0 : sdyx * inv; }
 
 double bn_exact_dx(const bn_call *e, ptrdiff_t c, double dy, double x)
 {

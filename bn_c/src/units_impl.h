@@ -58,6 +58,28 @@ static inline int FN(wide)(const BN_CT *m, const BN_CT *a, const BN_CT *b, const
            (c && !isfinite(c[k]));
 }
 
+/* Whether a coefficient computed in double loses precision in the compute type: it
+ * overflows, or it is subnormal there (a float32 scale of 1e-40 keeps 2 digits; a backward
+ * coefficient near 1/var of a channel spread over 1e25 flushes to 0). Such channels take
+ * the exact path, computed in double from the original parameters. */
+static inline int FN(lossy)(double v)
+{
+    double m = fabs(v); /* bitwise operators: no branches, so the loops stay vectorised */
+    return !(m <= (double)BN_CT_MAX) | ((m != 0.0) & (m < (double)BN_CT_MIN));
+}
+
+/* With the batch's own statistics (n values per channel, n > 0), |x - mean| is at most
+ * sqrt(n * var): a channel where that bound passes half the compute type's range could
+ * compute x - m as inf, and one where it is subnormal there loses digits in x - m. With
+ * given statistics (n == 0) no bound is known. Compared squared: no square root. */
+static inline int FN(lossy_spread)(double n, double var)
+{
+    const double top = 0.25 * (double)BN_CT_MAX * (double)BN_CT_MAX; /* inf for double */
+    const double bottom = (double)BN_CT_MIN * (double)BN_CT_MIN;     /* 0 for double */
+    double s2 = n * var;
+    return (n > 0.0) & ((s2 > top) | ((s2 != 0.0) & (s2 < bottom)));
+}
+
 /* The per-call context of the elementwise passes (see bn_call); the training backward adds
  * its sums. */
 static inline bn_call FN(call_of)(bn_shape s, const double *mean, const double *var,
@@ -76,19 +98,34 @@ static inline bn_call FN(call_of)(bn_shape s, const double *mean, const double *
  * [c0, c0 + cc). m is the mean rounded to the compute type; the rounding is folded into b (in double),
  * so x - m is exact for x near the mean and the output keeps full precision even when the
  * mean is large next to the spread. */
+static inline int FN(affine_lossy)(double n, double var, double scale, double shift)
+{
+    return FN(lossy)(scale) | FN(lossy)(shift) | FN(lossy_spread)(n, var);
+}
+
 static inline int FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const double *mean,
                                            const double *var, const double *gamma,
-                                           const double *beta, double eps, BN_CT *m, BN_CT *a,
-                                           BN_CT *b)
+                                           const double *beta, double eps, double n, BN_CT *m,
+                                           BN_CT *a, BN_CT *b)
 {
     ptrdiff_t c;
-    int wide = 0;
+    int wide = 0, lossy = 0;
     for (c = c0; c < c0 + cc; ++c) {
-        double scale = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps);
+        double scale = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps), shift;
         m[c] = (BN_CT)mean[c];
+        shift = (beta ? beta[c] : 0.0) + ((double)m[c] - mean[c]) * scale;
         a[c] = (BN_CT)scale;
-        b[c] = (BN_CT)((beta ? beta[c] : 0.0) + ((double)m[c] - mean[c]) * scale);
+        b[c] = (BN_CT)shift;
         wide += FN(wide)(m, a, b, NULL, c);
+        lossy |= FN(affine_lossy)(n, var[c], scale, shift);
+    }
+    /* rare: mark the lossy channels with what FN(wide) counts (the exact path reads no
+     * coefficient); kept out of the loop above, which stays vectorised */
+    for (c = c0; lossy && c < c0 + cc; ++c) {
+        double scale = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps);
+        double shift = (beta ? beta[c] : 0.0) + ((double)m[c] - mean[c]) * scale;
+        if (!FN(wide)(m, a, b, NULL, c) && FN(affine_lossy)(n, var[c], scale, shift))
+            a[c] = (BN_CT)NAN, ++wide;
     }
     return wide;
 }
