@@ -64,6 +64,7 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
             ptrdiff_t lo = b * BN_MERGE_BLOCK, n = bn_min(BN_MERGE_BLOCK, t.c_count - lo);
             int w;
             bn_merge_moments(&t, s, scratch, scratch + size, mean + c0, var + c0, b);
+            FN(add_references)(&t, s, x, xs, mean + c0, b);
             w = FN(affine_coefficients)(c0 + lo, n, mean, var, gamma, beta, eps,
                                         (double)(s.outer * s.inner), coef, coef + CS,
                                         coef + 2 * CS);

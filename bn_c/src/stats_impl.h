@@ -24,8 +24,10 @@ static void FN(stats_chunks)(bn_shape s, const BN_T *x, bn_strides xs, ptrdiff_t
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (b = 0; b < blocks; ++b)
+        for (b = 0; b < blocks; ++b) {
             bn_merge_moments(&t, s, scratch, scratch + size, mean + c0, var + c0, b);
+            FN(add_references)(&t, s, x, xs, mean + c0, b);
+        }
     }
 }
 

@@ -9,6 +9,27 @@
  * Traffic: one read of x. */
 #define BN_REDO_BELOW (1.0 / 1024.0)
 
+/* The reference of channel c: its first value (0 if that is not finite). Partial means are
+ * stored relative to it, so that Chan's merge of many partials works with numbers at the
+ * scale of the spread, not of the mean: at 1e10 + N(0, 1) the partial means themselves
+ * carry an error of ulp(1e10) = 2e-6 each, which the merge turned into a relative variance
+ * error of 1e-8. The merged mean gets the reference back (add_references). */
+static inline double FN(reference)(bn_shape s, const BN_T *x, bn_strides xs, ptrdiff_t c)
+{
+    double v = (double)BN_LD(BN_AT(x, xs, 0, c, 0));
+    (void)s;
+    return isfinite(v) ? v : 0.0;
+}
+
+/* The merged means of block b of tiling t (indexed from t->c_begin) are relative to the
+ * channels' references: make them absolute. */
+static inline void FN(add_references)(const bn_tiling *t, bn_shape s, const BN_T *x,
+                                      bn_strides xs, double *mean, ptrdiff_t b)
+{
+    ptrdiff_t j, lo = b * BN_MERGE_BLOCK, hi = bn_min(lo + BN_MERGE_BLOCK, t->c_count);
+    for (j = lo; j < hi; ++j) mean[j] += FN(reference)(s, x, xs, t->c_begin + j);
+}
+
 static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
                                   ptrdiff_t u, double *pmean, double *pm2)
 {
@@ -26,7 +47,7 @@ static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
                 FN(run_dev)(base, xs.outer, w.rows, w.len, xs.inner, k, &sd, &sdd);
                 m2 = sdd - sd * (sd / n);
             }
-            pmean[w.slot + j] = k + sd / n;
+            pmean[w.slot + j] = (k - FN(reference)(s, x, xs, w.c0 + j)) + sd / n;
             pm2[w.slot + j] = m2;
         }
     } else {
@@ -43,7 +64,7 @@ static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
             FN(cols_dev_rows)(base, xs.outer, w.rows, xs.channel, w.cn, k, sd, sdd);
         }
         for (j = 0; j < w.cn; ++j) {
-            pmean[w.slot + j] = k[j] + sd[j] / n;
+            pmean[w.slot + j] = (k[j] - FN(reference)(s, x, xs, w.c0 + j)) + sd[j] / n;
             pm2[w.slot + j] = sdd[j] - sd[j] * (sd[j] / n);
         }
     }
