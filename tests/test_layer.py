@@ -591,3 +591,17 @@ def test_a_call_that_raises_changes_no_state(trap):
         with pytest.raises(RuntimeWarning, match="not updated"):
             layer(x)
     assert state_equal(layer.state_dict(), before) and layer._saved is saved
+
+
+def test_the_input_copy_is_reused_and_never_aliases_the_caller():
+    layer = bn.BatchNorm(4)
+    rng = np.random.default_rng(42)
+    x1, x2 = (make_x(rng, (8, 4), 1, np.float32) for _ in range(2))
+    layer(x1)
+    first = layer._saved[0]
+    assert first is not x1 and np.array_equal(first, x1)
+    layer(x2)
+    assert layer._saved[0] is first and np.array_equal(first, x2)  # same shape: reused
+    layer(make_x(rng, (6, 4), 1, np.float64))
+    assert layer._saved[0] is not first and layer._saved[0].shape == (6, 4)
+    assert pickle.loads(pickle.dumps(layer))._input_copy is None

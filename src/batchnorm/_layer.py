@@ -121,6 +121,7 @@ class BatchNorm:
         self._running_mean = self._running_var = None
         self.num_batches_tracked: Optional[int] = None
         self._saved: Optional[tuple] = None  # what backward needs from the last forward
+        self._input_copy: Optional[np.ndarray] = None  # reused: no page faults per call
         self.reset_parameters()
 
     # --- state --------------------------------------------------------------------------
@@ -217,7 +218,7 @@ class BatchNorm:
 
     def __getstate__(self) -> dict:
         d = self.__dict__.copy()
-        d["_saved"] = None  # the last forward's input is not part of the layer
+        d["_saved"] = d["_input_copy"] = None  # the last forward's input is not state
         return d
 
     def __repr__(self) -> str:
@@ -250,7 +251,7 @@ class BatchNorm:
             # backward will follow: keep a private copy of the input, taken before `out`
             # (which may be x itself) is written, so that a caller reusing its buffer (as
             # data loaders do) cannot change the gradients
-            x = saved = _validation.as_array(x, "x").copy()
+            x = saved = self._copy_of_input(x)
         else:
             # inference: no copy on this path; an eval-mode backward reads x as it is then
             saved = None if out is not None and np.may_share_memory(out, x) else x
@@ -273,6 +274,16 @@ class BatchNorm:
         return y
 
     forward = __call__
+
+    def _copy_of_input(self, x: Any) -> np.ndarray:
+        """A copy of x in a buffer the layer reuses from call to call when the shape and
+        dtype repeat (a fresh large array each call costs page faults, more than the copy)."""
+        a = _validation.as_array(x, "x")
+        buf = self._input_copy
+        if buf is None or buf.shape != a.shape or buf.dtype != a.dtype:
+            buf = self._input_copy = np.empty_like(a, order="C")
+        np.copyto(buf, a, casting="no")
+        return buf
 
     def _update_running_stats(self, st: Stats) -> None:
         n = self.num_batches_tracked + 1
