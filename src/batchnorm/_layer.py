@@ -294,8 +294,8 @@ class BatchNorm:
         )
         if new is None:
             warnings.warn(
-                "batch statistics are not finite (NaN or inf in the input): the running "
-                "statistics were not updated",
+                f"batch statistics are not finite (NaN or inf in the input, or beyond the "
+                f"range of {self.dtype.name}): the running statistics were not updated",
                 RuntimeWarning,
                 stacklevel=3,
             )
