@@ -16,6 +16,21 @@ __all__ = ["BatchNorm"]
 _STATE_KEYS = ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked")
 
 
+# Values of the forward input that backward checks for changes: a buffer refilled with the
+# next batch (as data loaders do) changes nearly all of them.
+_SAMPLE_SIZE = 64
+
+
+def _sample(x: np.ndarray) -> bytes:
+    """The bytes of up to about _SAMPLE_SIZE values of x, evenly spread over it."""
+    if x.size <= _SAMPLE_SIZE:
+        return x.tobytes()
+    step = x.size // _SAMPLE_SIZE
+    if x.flags.c_contiguous:
+        return x.reshape(-1)[::step].tobytes()
+    return x.flat[::step].tobytes()
+
+
 def _channels(bad: np.ndarray) -> str:
     idx = np.flatnonzero(bad)
     return ", ".join(map(str, idx[:10])) + (", ..." if idx.size > 10 else "")
@@ -56,10 +71,12 @@ class BatchNorm:
 
     Notes
     -----
-    :meth:`backward` needs the input of the last forward call. A training-mode call keeps a
-    private copy of it, so the caller may reuse or overwrite its buffer (``out=x`` included)
-    before ``backward``. An eval-mode call makes no copy (inference stays one pass): a
-    backward after it reads ``x`` as it is at that time, and is refused after ``out=x``.
+    :meth:`backward` needs the input of the last forward call. The layer keeps a reference
+    to it, as PyTorch does (a copy would cost more than the call itself on large inputs),
+    and a sample of its values: a backward after ``x`` was modified (a data loader that
+    refills its batch buffer) or overwritten (``out=x``) raises a RuntimeError instead of
+    returning the gradient of other data. Pass a copy to the forward call if you must reuse
+    the buffer first.
     A call that raises changes none of the layer's state; under warnings-as-errors the
     warning about non-finite batch statistics is raised before the layer stores anything
     (an ``out=`` buffer has been written by then).
@@ -121,7 +138,6 @@ class BatchNorm:
         self._running_mean = self._running_var = None
         self.num_batches_tracked: Optional[int] = None
         self._saved: Optional[tuple] = None  # what backward needs from the last forward
-        self._input_copy: Optional[np.ndarray] = None  # reused: no page faults per call
         self.reset_parameters()
 
     # --- state --------------------------------------------------------------------------
@@ -218,7 +234,7 @@ class BatchNorm:
 
     def __getstate__(self) -> dict:
         d = self.__dict__.copy()
-        d["_saved"] = d["_input_copy"] = None  # the last forward's input is not state
+        d["_saved"] = None  # the last forward's input is not part of the layer
         return d
 
     def __repr__(self) -> str:
@@ -247,14 +263,11 @@ class BatchNorm:
         The parameters and running statistics go to the kernels as they are (in the layer's
         dtype); the route in ``_kernels`` checks ``x`` and ``out`` once.
         """
-        if self.training:
-            # backward will follow: keep a private copy of the input, taken before `out`
-            # (which may be x itself) is written, so that a caller reusing its buffer (as
-            # data loaders do) cannot change the gradients
-            x = saved = self._copy_of_input(x)
-        else:
-            # inference: no copy on this path; an eval-mode backward reads x as it is then
-            saved = None if out is not None and np.may_share_memory(out, x) else x
+        # backward reads x again: keep a reference (a copy would cost more than the call on
+        # large inputs) and a sample of its values, which backward checks (_check_unchanged)
+        x = _validation.as_array(x, "x")
+        saved = None if out is not None and np.may_share_memory(out, x) else x
+        sample = _sample(x) if saved is not None else None
         if self.training or not self.track_running_stats:
             y, st = _kernels.forward_train(
                 x, self._gamma, self._beta, self.axis, self.eps, out, self.check_finite,
@@ -270,20 +283,10 @@ class BatchNorm:
             )
             st = (self._running_mean, self._running_var)
             training = False
-        self._saved = (saved, st, self._gamma, training)
+        self._saved = (saved, sample, st, self._gamma, training)
         return y
 
     forward = __call__
-
-    def _copy_of_input(self, x: Any) -> np.ndarray:
-        """A copy of x in a buffer the layer reuses from call to call when the shape and
-        dtype repeat (a fresh large array each call costs page faults, more than the copy)."""
-        a = _validation.as_array(x, "x")
-        buf = self._input_copy
-        if buf is None or buf.shape != a.shape or buf.dtype != a.dtype:
-            buf = self._input_copy = np.empty_like(a, order="C")
-        np.copyto(buf, a, casting="no")
-        return buf
 
     def _update_running_stats(self, st: Stats) -> None:
         n = self.num_batches_tracked + 1
@@ -312,11 +315,16 @@ class BatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
-        x, st, gamma, training = self._saved
+        x, sample, st, gamma, training = self._saved
         if x is None:
             raise RuntimeError(
-                "backward() needs the forward input, which the eval-mode forward call "
-                "overwrote (out=x)"
+                "backward() needs the forward input, which the forward call overwrote (out=x)"
+            )
+        if _sample(x) != sample:
+            raise RuntimeError(
+                "backward() needs the forward input, which was modified after the forward "
+                "call (a reused buffer?); pass a copy to the forward call, or call backward "
+                "before reusing x"
             )
         dx, dgamma, dbeta = _kernels.backward(
             dy, x, st, gamma, self.axis, self.eps, training, out, self.check_finite
