@@ -2,6 +2,7 @@
  * (compiled once per ISA). */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "unit.h"
 

@@ -2,26 +2,29 @@
 #include "units_impl.h"
 
 /* Coefficients of dx = a*dy + b*(x - m) + c for channels [c0, c0 + cc), in arrays CS apart,
- * and the parameter gradients, from the per-channel sums of dy and dy*(x - mean). Returns
- * how many channels take the exact path. */
+ * and the parameter gradients, from the per-channel sums of dy and of dy*(x - mean) (or,
+ * when `given`, of dy*xhat: the sums of a whole batch handed in). sdyx is left holding the
+ * sums of dy*xhat, which the exact path reads. Returns how many channels take the exact path. */
 static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t CS, double n,
                                  const double *mean, const double *var, const double *gamma,
-                                 double eps, int training, const double *sdy,
-                                 const double *sdyx, BN_CT *coef, double *dgamma, double *dbeta)
+                                 double eps, int training, int given, const double *sdy,
+                                 double *sdyx, BN_CT *coef, double *dgamma, double *dbeta)
 {
     ptrdiff_t k;
     int wide = 0;
     for (k = c0; k < c0 + cc; ++k) {
         double inv = 1.0 / sqrt(var[k] + eps), a = (gamma ? gamma[k] : 1.0) * inv;
+        double g = given ? sdyx[k - c0] : bn_dgamma(sdyx[k - c0], inv); /* sum of dy*xhat */
         int lossy = FN(lossy)(a);
+        sdyx[k - c0] = g;
         if (dbeta) dbeta[k] = sdy[k - c0];
-        if (dgamma) dgamma[k] = bn_dgamma(sdyx[k - c0], inv);
+        if (dgamma) dgamma[k] = g;
         coef[k] = (BN_CT)mean[k];
         if (training) {
             /* dx = a*dy + b*(x - mean) + c, with the rounding of the mean folded into c; b
-             * is formed as (a * inv) * (inv * sdyx / n), whose factors stay in range where
-             * a * inv * inv alone would underflow (a float64 channel spread over 1e120) */
-            double b = -(a * inv) * (inv * sdyx[k - c0] / n), c = -a * sdy[k - c0] / n;
+             * is formed as (a * inv) * (g / n), whose factors stay in range where
+             * a * inv * inv * sdyx alone would underflow (a float64 spread over 1e120) */
+            double b = -(a * inv) * (g / n), c = -a * sdy[k - c0] / n;
             double c_total = c + b * ((double)coef[k] - mean[k]);
             coef[2 * CS + k] = (BN_CT)b;
             coef[3 * CS + k] = (BN_CT)c_total;
@@ -35,21 +38,22 @@ static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t CS, double
 }
 
 /* The chunk loop of the backward pass (worksharing binds to the caller's team, as in
- * train_chunks). */
+ * train_chunks). With `total`, the training gradient takes its sums and count instead of x's. */
 static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, const BN_T *x,
                                 bn_strides xs, BN_T *dx, bn_strides dxs, const double *mean,
                                 const double *var, const double *gamma, double eps,
-                                int training, double *dgamma, double *dbeta, ptrdiff_t cc,
-                                ptrdiff_t size, double *sums, BN_CT *coef, int *wide)
+                                int training, const bn_batch_total *total, double *dgamma,
+                                double *dbeta, ptrdiff_t cc, ptrdiff_t size, double *sums,
+                                BN_CT *coef, int *wide)
 {
     ptrdiff_t C = s.channels, CS = BN_COEF_STRIDE(C), c0, u, bl;
-    int need_sums = training || dgamma || dbeta;
-    double n = (double)(s.outer * s.inner);
+    int need_sums = !total && (training || dgamma || dbeta);
+    double n = total ? total->n : (double)(s.outer * s.inner);
     double *psdy = sums, *psdyx = sums + size, *sdy = psdyx + size, *sdyx = sdy + cc;
     const BN_CT *b = training ? coef + 2 * CS : NULL, *c = training ? coef + 3 * CS : NULL;
     /* wide is shared: counted by the threads that compute the coefficients */
     bn_call ex = FN(call_of)(s, mean, var, gamma, NULL, eps, wide);
-    ex.sdy = training ? sdy : NULL, ex.sdyx = sdyx, ex.n = n;
+    ex.sdy = training ? sdy : NULL, ex.sdyxhat = sdyx, ex.n = n;
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
         bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);
@@ -70,8 +74,12 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
             ptrdiff_t lo = bl * BN_MERGE_BLOCK, nc = bn_min(BN_MERGE_BLOCK, t.c_count - lo);
             int w;
             if (need_sums) bn_merge_sums(&t, psdy, sdy, bl), bn_merge_sums(&t, psdyx, sdyx, bl);
+            if (total) {
+                memcpy(sdy + lo, total->sum_dy + c0 + lo, sizeof(double) * (size_t)nc);
+                memcpy(sdyx + lo, total->sum_dy_xhat + c0 + lo, sizeof(double) * (size_t)nc);
+            }
             w = FN(bwd_coefficients)(c0 + lo, nc, CS, n, mean, var, gamma, eps, training,
-                                     sdy + lo, sdyx + lo, coef, dgamma, dbeta);
+                                     total != NULL, sdy + lo, sdyx + lo, coef, dgamma, dbeta);
             if (t.c_count == C) FN(wrap_channels)(coef, training ? 4 : 2, C, lo, nc);
             if (w) {
 #ifdef _OPENMP
@@ -92,18 +100,19 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
 }
 
 /* Sums then dx, chunk by chunk of channels, so that x and dy are read from memory once for
- * the sums and again from cache for dx. */
-int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, const BN_T *x,
-                                  bn_strides xs, BN_T *dx, bn_strides dxs, const double *mean,
-                                  const double *var, const double *gamma, double eps,
-                                  int training, double *dgamma, double *dbeta)
+ * the sums and again from cache for dx (with `total`: read once, for dx). */
+static int FN(backward_run)(bn_shape s, const BN_T *dy, bn_strides dys, const BN_T *x,
+                            bn_strides xs, BN_T *dx, bn_strides dxs, const double *mean,
+                            const double *var, const double *gamma, double eps, int training,
+                            const bn_batch_total *total, double *dgamma, double *dbeta)
 {
     double *sums;
     BN_CT *coef;
     bn_tiling t0;
     ptrdiff_t k, C = s.channels, cc, size;
-    int nt, wide = 0, need_sums = training || dgamma || dbeta;
+    int nt, wide = 0, need_sums = !total && (training || dgamma || dbeta);
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
+    if (total && (!total->sum_dy || !total->sum_dy_xhat || !(total->n >= 1.0))) return BN_ERR_ARG;
     if (C == 0) return BN_OK;
     if (s.outer == 0 || s.inner == 0) {
         for (k = 0; k < C; ++k) {
@@ -112,7 +121,7 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
         }
         return BN_OK;
     }
-    if (!dy || (need_sums && !x)) return BN_ERR_ARG;
+    if (!dy || ((need_sums || (total && dx)) && !x)) return BN_ERR_ARG;
     cc = bn_chunk_channels(s, need_sums ? 2 : 1, sizeof(BN_CT));
     /* partials of the largest chunk (every chunk has as many parts), then the chunk's sums */
     t0 = bn_make_tiling(s, 0, cc);
@@ -128,14 +137,36 @@ int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, co
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
-        FN(backward_chunks)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, dgamma,
-                            dbeta, cc, size, sums, coef, &wide);
+        FN(backward_chunks)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, total,
+                            dgamma, dbeta, cc, size, sums, coef, &wide);
     } else {
-        FN(backward_chunks)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, dgamma,
-                            dbeta, cc, size, sums, coef, &wide);
+        FN(backward_chunks)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, total,
+                            dgamma, dbeta, cc, size, sums, coef, &wide);
     }
     bn_free_aligned(sums), free(coef);
     return BN_OK;
+}
+
+int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, const BN_T *x,
+                                  bn_strides xs, BN_T *dx, bn_strides dxs, const double *mean,
+                                  const double *var, const double *gamma, double eps,
+                                  int training, double *dgamma, double *dbeta)
+{
+    return FN(backward_run)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, NULL,
+                            dgamma, dbeta);
+}
+
+int BN_EXPORT(bn_backward_total, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys,
+                                        const BN_T *x, bn_strides xs, BN_T *dx, bn_strides dxs,
+                                        const double *mean, const double *var,
+                                        const double *gamma, double eps, double n,
+                                        const double *sum_dy, const double *sum_dy_xhat)
+{
+    bn_batch_total total;
+    total.n = n, total.sum_dy = sum_dy, total.sum_dy_xhat = sum_dy_xhat;
+    if (!dx) return BN_ERR_ARG;
+    return FN(backward_run)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, 1, &total, NULL,
+                            NULL);
 }
 
 #undef FN

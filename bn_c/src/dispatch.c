@@ -24,12 +24,18 @@
      const double *mean, const double *var, const double *gamma, double eps, int training,        \
      double *dgamma, double *dbeta)
 #define BN_BACKWARD_CALL (s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, dgamma, dbeta)
+#define BN_BACKWARD_TOTAL_ARGS(T)                                                                 \
+    (bn_shape s, const T *dy, bn_strides dys, const T *x, bn_strides xs, T *dx, bn_strides dxs,   \
+     const double *mean, const double *var, const double *gamma, double eps, double n,            \
+     const double *sum_dy, const double *sum_dy_xhat)
+#define BN_BACKWARD_TOTAL_CALL (s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, n, sum_dy, sum_dy_xhat)
 
 #define BN_OPS(X, tn, T)                                                                          \
     X(stats, tn, BN_STATS_ARGS(T), BN_STATS_CALL)                                                 \
     X(forward_train, tn, BN_TRAIN_ARGS(T), BN_TRAIN_CALL)                                         \
     X(forward_eval, tn, BN_EVAL_ARGS(T), BN_EVAL_CALL)                                            \
-    X(backward, tn, BN_BACKWARD_ARGS(T), BN_BACKWARD_CALL)
+    X(backward, tn, BN_BACKWARD_ARGS(T), BN_BACKWARD_CALL)                                       \
+    X(backward_total, tn, BN_BACKWARD_TOTAL_ARGS(T), BN_BACKWARD_TOTAL_CALL)
 
 /* The table of one kernel set. */
 #define BN_FIELD(op, tn, args, call) int(*op##_##tn) args;

@@ -109,12 +109,18 @@ typedef struct bn_call {
     const int *wide; /* channels of the current chunk that take the exact path (0: none) */
     const double *mean, *var, *gamma, *beta; /* per channel; gamma, beta may be NULL */
     double eps;
-    /* training backward only: the sums of dy and dy * (x - mean) of the current chunk,
-     * indexed from channel c_begin, and the count n per channel */
-    const double *sdy, *sdyx;
+    /* training backward only: the sums of dy and dy * xhat of the current chunk, indexed
+     * from channel c_begin, and the count n per channel */
+    const double *sdy, *sdyxhat;
     ptrdiff_t c_begin;
     double n;
 } bn_call;
+
+/* The sums of a batch split across processes (bn_backward_total), for channels [0, C). */
+typedef struct bn_batch_total {
+    double n;
+    const double *sum_dy, *sum_dy_xhat;
+} bn_batch_total;
 
 /* y = beta + gamma * (x - mean) / sqrt(var + eps) for one element of channel c. */
 double bn_exact_y(const bn_call *e, ptrdiff_t c, double x);

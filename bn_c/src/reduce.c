@@ -286,6 +286,6 @@ double bn_exact_dx(const bn_call *e, ptrdiff_t c, double dy, double x)
     d = x - e->mean[c];
     xhat = d == 0.0 ? 0.0 : d * inv;
     t = e->sdy[c - e->c_begin] / e->n;
-    t = dy - t - xhat * (bn_dgamma(e->sdyx[c - e->c_begin], inv) / e->n);
+    t = dy - t - xhat * (e->sdyxhat[c - e->c_begin] / e->n);
     return bn_mul3(g, inv, t);
 }

@@ -86,7 +86,7 @@ static inline int FN(wide)(const BN_CT *m, const BN_CT *a, const BN_CT *b, const
 static inline int FN(lossy)(double v)
 {
     double m = fabs(v); /* bitwise operators: no branches, so the loops stay vectorised */
-    return !(m <= (double)BN_CT_MAX) | ((m != 0.0) & (m < (double)BN_CT_MIN));
+    return (!(m <= (double)BN_CT_MAX)) | ((m != 0.0) & (m < (double)BN_CT_MIN));
 }
 
 /* With the batch's own statistics (n values per channel, n > 0), |x - mean| is at most
@@ -111,7 +111,7 @@ static inline bn_call FN(call_of)(bn_shape s, const double *mean, const double *
     e.stream = (double)(s.outer * s.channels * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
     e.wide = wide;
     e.mean = mean, e.var = var, e.gamma = gamma, e.beta = beta, e.eps = eps;
-    e.sdy = e.sdyx = NULL, e.c_begin = 0, e.n = 0.0;
+    e.sdy = e.sdyxhat = NULL, e.c_begin = 0, e.n = 0.0;
     return e;
 }
 

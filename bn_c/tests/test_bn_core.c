@@ -148,6 +148,50 @@ static void test_zero_variance_eps0(void)
     }
 }
 
+/* A batch split into two parts along N, as two processes hold it: each part's dgamma and
+ * dbeta with the whole batch's statistics, added up, give through bn_backward_total the
+ * whole batch's dx row by row; with the whole batch as the one part, the very same bits. */
+static void test_backward_total(void)
+{
+    enum { N = 5, C = 3, I = 4, E = N * C * I, N0 = 2 };
+    float x[E], dy[E], dx[E], dxp[E];
+    double mean[C], var[C], dg[C], db[C], dg1[C], db1[C], sdy[C], sdyxhat[C];
+    const double gamma[C] = {1.5, -2, 0.5}, eps = 1e-5;
+    bn_shape s = {N, C, I}, s0 = {N0, C, I}, s1 = {N - N0, C, I};
+    bn_strides st = {C * I, I, 1};
+    int e, c;
+    for (e = 0; e < E; ++e) x[e] = (float)(sin(e * 1.3) * 3 + e % 4), dy[e] = (float)cos(e * 0.7);
+    CHECK(bn_stats_f32(s, x, st, mean, var) == BN_OK, "stats");
+    CHECK(bn_backward_f32(s, dy, st, x, st, dx, st, mean, var, gamma, eps, 1, dg, db) == BN_OK,
+          "bwd");
+    CHECK(bn_backward_total_f32(s, dy, st, x, st, dxp, st, mean, var, gamma, eps, N * I, db, dg) ==
+              BN_OK,
+          "total, one part");
+    for (e = 0; e < E; ++e) CHECK(dxp[e] == dx[e], "one part: dx[%d] %.9g != %.9g", e, dxp[e], dx[e]);
+    /* two parts */
+    CHECK(bn_backward_f32(s0, dy, st, x, st, NULL, st, mean, var, gamma, eps, 0, dg1, db1) == BN_OK,
+          "part 0 sums");
+    for (c = 0; c < C; ++c) sdy[c] = db1[c], sdyxhat[c] = dg1[c];
+    CHECK(bn_backward_f32(s1, dy + N0 * C * I, st, x + N0 * C * I, st, NULL, st, mean, var, gamma,
+                          eps, 0, dg1, db1) == BN_OK,
+          "part 1 sums");
+    for (c = 0; c < C; ++c) sdy[c] += db1[c], sdyxhat[c] += dg1[c];
+    CHECK(bn_backward_total_f32(s0, dy, st, x, st, dxp, st, mean, var, gamma, eps, N * I, sdy,
+                                sdyxhat) == BN_OK,
+          "total, part 0");
+    CHECK(bn_backward_total_f32(s1, dy + N0 * C * I, st, x + N0 * C * I, st, dxp + N0 * C * I, st,
+                                mean, var, gamma, eps, N * I, sdy, sdyxhat) == BN_OK,
+          "total, part 1");
+    for (e = 0; e < E; ++e)
+        CHECK(close_to(dxp[e], dx[e], 1e-6), "two parts: dx[%d] %.9g, want %.9g", e, dxp[e], dx[e]);
+    CHECK(bn_backward_total_f32(s, dy, st, x, st, dxp, st, mean, var, gamma, eps, 0.0, sdy,
+                                sdyxhat) == BN_ERR_ARG,
+          "n = 0 accepted");
+    CHECK(bn_backward_total_f32(s, dy, st, x, st, dxp, st, mean, var, gamma, eps, N * I, NULL,
+                                sdyxhat) == BN_ERR_ARG,
+          "NULL sums accepted");
+}
+
 int main(void)
 {
     static const char *isas[] = {"baseline", "avx2", "avx512"};
@@ -162,6 +206,7 @@ int main(void)
         test_thread_determinism();
         test_constant_channel();
         test_zero_variance_eps0();
+        test_backward_total();
         printf("isa %-8s checked (openmp: %d)\n", isas[k], bn_has_openmp());
         ++ran;
     }

@@ -68,6 +68,20 @@ int bn_backward_f64(bn_shape s, const double *dy, bn_strides dys, const double *
                     const double *var, const double *gamma, double eps, int training,
                     double *dgamma, double *dbeta);
 
+/* Training backward of a batch split into parts (one per process, SyncBatchNorm): dx of this
+ * part, as bn_backward with training != 0 computes it, but from the sums over the whole batch
+ * and its count n (per channel) instead of those of x alone. sum_dy and sum_dy_xhat are the
+ * dbeta and dgamma of each part (bn_backward with training == 0 and the whole batch's
+ * mean/var), added up over the parts. n >= 1; dx may be dy itself (same strides). */
+int bn_backward_total_f32(bn_shape s, const float *dy, bn_strides dys, const float *x,
+                          bn_strides xs, float *dx, bn_strides dxs, const double *mean,
+                          const double *var, const double *gamma, double eps, double n,
+                          const double *sum_dy, const double *sum_dy_xhat);
+int bn_backward_total_f64(bn_shape s, const double *dy, bn_strides dys, const double *x,
+                          bn_strides xs, double *dx, bn_strides dxs, const double *mean,
+                          const double *var, const double *gamma, double eps, double n,
+                          const double *sum_dy, const double *sum_dy_xhat);
+
 /* Half precision storage, as raw 16-bit patterns: float16 (IEEE binary16) and bfloat16.
  * Computed in float32 with float64 statistics; same semantics as the functions above. */
 int bn_stats_f16(bn_shape s, const uint16_t *x, bn_strides xs, double *mean, double *var);
@@ -92,6 +106,14 @@ int bn_backward_bf16(bn_shape s, const uint16_t *dy, bn_strides dys, const uint1
                      bn_strides xs, uint16_t *dx, bn_strides dxs, const double *mean,
                      const double *var, const double *gamma, double eps, int training,
                      double *dgamma, double *dbeta);
+int bn_backward_total_f16(bn_shape s, const uint16_t *dy, bn_strides dys, const uint16_t *x,
+                          bn_strides xs, uint16_t *dx, bn_strides dxs, const double *mean,
+                          const double *var, const double *gamma, double eps, double n,
+                          const double *sum_dy, const double *sum_dy_xhat);
+int bn_backward_total_bf16(bn_shape s, const uint16_t *dy, bn_strides dys, const uint16_t *x,
+                           bn_strides xs, uint16_t *dx, bn_strides dxs, const double *mean,
+                           const double *var, const double *gamma, double eps, double n,
+                           const double *sum_dy, const double *sum_dy_xhat);
 
 /* Threads: n <= 0 restores the default (OpenMP's, which honours OMP_NUM_THREADS). Requests
  * are capped at bn_max_threads() (4 per processor, at least 16). After fork() the child runs
