@@ -246,7 +246,6 @@ ERRORS = [
      r"out must have shape \(4, 3\), got \(3, 4\)"),
     (lambda o: bn.forward_eval(X, M3, V3, out=[[0.0] * 3] * 4), TypeError,
      r"out must be a numpy.ndarray \(not a matrix or masked array\), got list"),
-    (lambda o: bn.batch_stats(np.ones((0, 3))), ValueError, "no values per channel"),
     (lambda o: bn.forward_eval(X, M3, V3, axis=2**70, out=o), ValueError,
      "axis 1180591620717411303424 is out of range"),
     (lambda o: bn.forward_eval(X, M3, V3, axis=True, out=o), TypeError, "axis must be an integer"),

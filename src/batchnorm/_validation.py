@@ -73,6 +73,20 @@ def as_input(a: Any, name: str) -> np.ndarray:
     return arr
 
 
+def output(out: Any, like: np.ndarray) -> None:
+    """An `out` buffer for a result shaped like `like`: a writeable ndarray (a subclass but
+    matrix and masked arrays is fine) of its shape and dtype, else an error saying why."""
+    if not isinstance(out, np.ndarray) or isinstance(out, (np.matrix, np.ma.MaskedArray)):
+        raise TypeError(f"out must be a numpy.ndarray (not a matrix or masked array), "
+                        f"got {type(out).__name__}")
+    if out.shape != like.shape:
+        raise ValueError(f"out must have shape {like.shape}, got {out.shape}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"out must have dtype {like.dtype}, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+
+
 def axis_index(axis: Any) -> int:
     """axis as a Python int (any integer type but bool), or a TypeError naming it."""
     if isinstance(axis, (bool, np.bool_)):
