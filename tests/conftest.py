@@ -232,3 +232,20 @@ def assert_unchanged(arrays, copies):
 
 def count_per_channel(shape, axis) -> int:
     return math.prod(d for i, d in enumerate(shape) if i != axis % len(shape))
+
+
+# --- optional integrations ----------------------------------------------------------------
+
+
+def require(module: str):
+    """Import an optional test dependency (mpi4py, dask, ...), or skip the test without it.
+
+    CI installs every extra and sets BATCHNORM_TEST_REQUIRE_EXTRAS=1, which turns a missing
+    one into a failure: there the tests of an integration can never skip silently.
+    """
+    import importlib
+    import os
+
+    if os.environ.get("BATCHNORM_TEST_REQUIRE_EXTRAS") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
