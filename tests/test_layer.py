@@ -591,3 +591,70 @@ def test_a_call_that_raises_changes_no_state(trap):
         with pytest.raises(RuntimeWarning, match="not updated"):
             layer(x)
     assert state_equal(layer.state_dict(), before) and layer._saved is saved
+
+
+# --- precise BN: set_running_stats ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_set_running_stats_is_the_population_statistics(unbiased, dtype):
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(1e3, 2.0, size=(n, 3, 2)) for n in (16, 16, 7, 30)]
+    layer = bn.BatchNorm(3, unbiased_running_var=unbiased, dtype=dtype)
+    layer(batches[0].astype(np.float32))
+    layer.set_running_stats(bn.merge_stats(*map(bn.batch_stats, batches)), n_batches=4)
+    whole = np.concatenate(batches)
+    want_var = whole.var(axis=(0, 2), ddof=1 if unbiased else 0)
+    assert layer.running_mean.dtype == dtype and layer.num_batches_tracked == 4
+    rtol = 1e-12 if dtype == np.float64 else 1e-7
+    np.testing.assert_allclose(layer.running_mean, whole.mean(axis=(0, 2)), rtol=rtol)
+    np.testing.assert_allclose(layer.running_var, want_var, rtol=rtol * 10)
+
+
+def test_set_running_stats_checks_everything_before_changing_anything():
+    layer = bn.BatchNorm(2)
+    before = layer.state_dict()
+    good = bn.batch_stats(np.random.default_rng(1).normal(size=(5, 2)))
+    cases = [
+        (bn.Stats(good.mean, good.var, 1), ValueError, "count must be >= 2"),
+        (bn.batch_stats(np.ones((4, 3))), ValueError, "3 channels"),
+        (bn.Stats(np.array([1e39, 0.0]), good.var, 5), ValueError, "beyond the range"),
+        (bn.Stats(good.mean, np.array([np.inf, 1.0]), 5), ValueError, "finite"),
+        ((good.mean, good.var), TypeError, "Stats"),
+    ]
+    for st, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            layer.set_running_stats(st)
+    for n, exc in [(1.5, TypeError), (True, TypeError), (-1, ValueError)]:
+        with pytest.raises(exc, match="n_batches"):
+            layer.set_running_stats(good, n_batches=n)
+    after = layer.state_dict()
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value)
+    with pytest.raises(AttributeError, match="track_running_stats"):
+        bn.BatchNorm(2, track_running_stats=False).set_running_stats(good)
+    layer.set_running_stats(good)           # n_batches=None leaves the count alone
+    assert layer.num_batches_tracked == 0
+
+
+def test_set_running_stats_against_torch_update_bn():
+    """update_bn averages per-batch statistics: its mean is the population mean for equal
+    batches; its variance is the mean of the per-batch unbiased variances, short of the
+    population variance by the spread of the batch means, which set_running_stats keeps."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    batches = [rng.normal(loc, 1.0, size=(32, 3)) for loc in (0.0, 1.0, 2.0, 3.0)]
+    module = torch.nn.Sequential(torch.nn.BatchNorm1d(3).double())
+    loader = [torch.from_numpy(b) for b in batches]
+    torch.optim.swa_utils.update_bn(loader, module)
+    layer = bn.BatchNorm(3, dtype=np.float64)
+    layer.set_running_stats(bn.merge_stats(*map(bn.batch_stats, batches)), n_batches=4)
+    whole = np.concatenate(batches)
+    np.testing.assert_allclose(layer.running_mean, module[0].running_mean.numpy(), rtol=1e-12)
+    assert layer.num_batches_tracked == int(module[0].num_batches_tracked)
+    np.testing.assert_allclose(module[0].running_var.numpy(),
+                               np.mean([b.var(axis=0, ddof=1) for b in batches], axis=0),
+                               rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var, whole.var(axis=0, ddof=1), rtol=1e-12)
+    assert (layer.running_var > module[0].running_var.numpy() + 0.5).all()   # ~1.25 apart

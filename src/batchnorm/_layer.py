@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _kernels, _validation
-from ._stats import Stats
+from ._stats import Stats, merge_stats
 
 __all__ = ["BatchNorm"]
 
@@ -29,6 +29,19 @@ def _sample(x: np.ndarray) -> bytes:
     if x.flags.c_contiguous:
         return x.reshape(-1)[::step].tobytes()
     return x.flat[::step].tobytes()
+
+
+def _check_input(x: Optional[np.ndarray], sample: Optional[bytes]) -> np.ndarray:
+    """The forward input backward needs, if it is still there unchanged."""
+    if x is None:
+        raise RuntimeError(
+            "backward() needs the forward input, which the forward call overwrote (out=x)")
+    if _sample(x) != sample:
+        raise RuntimeError(
+            "backward() needs the forward input, which was modified after the forward "
+            "call (a reused buffer?); pass a copy to the forward call, or call backward "
+            "before reusing x")
+    return x
 
 
 def _channels(bad: np.ndarray) -> str:
@@ -186,6 +199,68 @@ class BatchNorm:
             self._running_var = np.ones(self.num_features, self.dtype)
             self.num_batches_tracked = 0
 
+    def set_running_stats(self, stats: Any, n_batches: Optional[int] = None) -> None:
+        """Set the running statistics to exact statistics of a whole data set ("precise BN").
+
+        ``running_mean = stats.mean`` and ``running_var = stats.var``, or
+        ``stats.var * count / (count - 1)`` with ``unbiased_running_var`` (the layer's
+        convention), in the layer's dtype. Give it :func:`merge_stats` of the
+        :func:`batch_stats` of every batch, or :func:`batchnorm.dask.batch_stats` of the whole
+        data set, to replace the exponential averages by the population statistics after
+        training (or after the weights changed, as with SWA).
+
+        ``torch.optim.swa_utils.update_bn`` and fvcore's ``update_bn_stats`` instead average
+        the per-batch statistics with equal weights: the same mean when the batches are
+        equally large, but a variance that leaves out the spread between the batch means
+        (and the unbiased correction of each batch). See :doc:`processes`.
+
+        Parameters
+        ----------
+        stats : Stats or (mean, var, count)
+            Per-channel statistics, count >= 1 (>= 2 with ``unbiased_running_var``).
+        n_batches : int, optional
+            Stored in ``num_batches_tracked`` (``update_bn`` leaves the number of batches
+            there); None leaves it as it is.
+
+        Examples
+        --------
+        >>> import numpy as np, batchnorm as bn
+        >>> rng = np.random.default_rng(0)
+        >>> batches = [rng.normal(5.0, 2.0, size=(64, 3)) for _ in range(10)]
+        >>> layer = bn.BatchNorm(3, dtype=np.float64)
+        >>> layer.set_running_stats(bn.merge_stats(*map(bn.batch_stats, batches)), n_batches=10)
+        >>> whole = np.concatenate(batches)
+        >>> bool(np.allclose(layer.running_var, whole.var(axis=0, ddof=1), rtol=1e-13))
+        True
+        """
+        if not self.track_running_stats:
+            raise AttributeError("set_running_stats needs track_running_stats=True")
+        st = merge_stats(stats)         # checked, as a Stats of float64 vectors
+        if st.mean.shape[0] != self.num_features:
+            raise ValueError(f"stats have {st.mean.shape[0]} channels; the layer has "
+                             f"num_features={self.num_features}")
+        least = 2 if self.unbiased_running_var else 1
+        if st.count < least:
+            raise ValueError(f"stats.count must be >= {least} "
+                             f"({'unbiased' if least == 2 else 'biased'} running variance), "
+                             f"got {st.count}")
+        if n_batches is not None:
+            if isinstance(n_batches, (bool, np.bool_)):
+                raise TypeError(f"n_batches must be an integer or None, got {n_batches!r}")
+            try:
+                n_batches = operator.index(n_batches)
+            except TypeError:
+                raise TypeError(
+                    f"n_batches must be an integer or None, got {n_batches!r}") from None
+            if not 0 <= n_batches < 2**63:
+                raise ValueError(f"n_batches must be in [0, 2**63), got {n_batches}")
+        var = st.unbiased_var() if self.unbiased_running_var else st.var
+        mean = self._checked_vector(st.mean, "running_mean")
+        var = self._checked_vector(var, "running_var")
+        self._running_mean, self._running_var = mean, var
+        if n_batches is not None:
+            self.num_batches_tracked = n_batches
+
     def reset_parameters(self) -> None:
         """gamma = 1, beta = 0, and the running statistics reset."""
         self.reset_running_stats()
@@ -269,24 +344,40 @@ class BatchNorm:
         saved = None if out is not None and np.may_share_memory(out, x) else x
         sample = _sample(x) if saved is not None else None
         if self.training or not self.track_running_stats:
-            y, st = _kernels.forward_train(
-                x, self._gamma, self._beta, self.axis, self.eps, out, self.check_finite,
-                self.num_features,
-            )
+            y, st, grad = self._normalize_batch(x, out)
             if self.training and self.track_running_stats:
                 self._update_running_stats(st)
-            training = True
         else:
             y = _kernels.forward_eval(
                 x, self._running_mean, self._running_var, self._gamma, self._beta, self.axis,
                 self.eps, out, self.check_finite, self.num_features,
             )
-            st = (self._running_mean, self._running_var)
-            training = False
-        self._saved = (saved, sample, st, self._gamma, training)
+            st, grad = (self._running_mean, self._running_var), self._frozen_gradient
+        self._saved = (saved, sample, st, self._gamma, grad)
         return y
 
     forward = __call__
+
+    # The two steps a subclass may change (SyncBatchNorm takes its statistics over all
+    # processes): normalizing with the statistics of the batch, and its gradient.
+
+    def _normalize_batch(self, x: np.ndarray, out: Optional[np.ndarray]) -> tuple:
+        """(y, the statistics used, the method that gives their gradient)."""
+        y, st = _kernels.forward_train(
+            x, self._gamma, self._beta, self.axis, self.eps, out, self.check_finite,
+            self.num_features,
+        )
+        return y, st, self._batch_gradient
+
+    def _batch_gradient(self, dy: Any, x: Optional[np.ndarray], sample: Optional[bytes],
+                        st: Any, gamma: Any, out: Optional[np.ndarray]) -> tuple:
+        return _kernels.backward(dy, _check_input(x, sample), st, gamma, self.axis, self.eps,
+                                 True, out, self.check_finite)
+
+    def _frozen_gradient(self, dy: Any, x: Optional[np.ndarray], sample: Optional[bytes],
+                         st: Any, gamma: Any, out: Optional[np.ndarray]) -> tuple:
+        return _kernels.backward(dy, _check_input(x, sample), st, gamma, self.axis, self.eps,
+                                 False, out, self.check_finite)
 
     def _update_running_stats(self, st: Stats) -> None:
         n = self.num_batches_tracked + 1
@@ -315,20 +406,8 @@ class BatchNorm:
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
-        x, sample, st, gamma, training = self._saved
-        if x is None:
-            raise RuntimeError(
-                "backward() needs the forward input, which the forward call overwrote (out=x)"
-            )
-        if _sample(x) != sample:
-            raise RuntimeError(
-                "backward() needs the forward input, which was modified after the forward "
-                "call (a reused buffer?); pass a copy to the forward call, or call backward "
-                "before reusing x"
-            )
-        dx, dgamma, dbeta = _kernels.backward(
-            dy, x, st, gamma, self.axis, self.eps, training, out, self.check_finite
-        )
+        x, sample, st, gamma, gradient = self._saved
+        dx, dgamma, dbeta = gradient(dy, x, sample, st, gamma, out)
         if self.affine:
             self.grad_gamma = dgamma.astype(self.dtype, copy=False)
             self.grad_beta = dbeta.astype(self.dtype, copy=False)
