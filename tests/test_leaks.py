@@ -189,6 +189,10 @@ def check_flat(name, dtype, calls, traced_calls):
     fn = workloads(dtype)[name]
     if not UNDER_ASAN:
         grown = rss_growth(fn, calls=calls, warmup=max(500, calls // 50))
+        if grown > RSS_LIMIT:
+            # RSS is the whole process's: threads other tests left behind (Dask's
+            # distributed scheduler keeps some) can allocate meanwhile. A leak grows again.
+            grown = min(grown, rss_growth(fn, calls=calls, warmup=0))
         assert grown <= RSS_LIMIT, (
             f"{name} ({dtype}): RSS grew by {grown} bytes over {calls * 3 // 4} calls"
         )

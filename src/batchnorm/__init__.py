@@ -23,12 +23,15 @@ from ._api import (
 )
 from ._config import available_isas, config, show_config
 from ._layer import BatchNorm
+from ._stats import merge_stats
+from ._sync import SyncBatchNorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
     "Stats",
+    "SyncBatchNorm",
     "available_isas",
     "backward",
     "batch_stats",
@@ -36,6 +39,7 @@ __all__ = [
     "forward_eval",
     "forward_train",
     "get_num_threads",
+    "merge_stats",
     "set_num_threads",
     "show_config",
     "supported_dtypes",

@@ -129,25 +129,9 @@ def merge_stats(*stats: Any) -> Stats:
     if len(parts) == 1:
         m, v, n = parts[0]
         return Stats(m.copy(), v.copy(), n) if n else Stats(np.zeros(c), np.zeros(c), 0)
-    counts = np.array([float(n) for _, _, n in parts])[:, None]
-    empty = counts[:, 0] == 0
-    mean = np.stack([m for m, _, _ in parts])
-    var = np.stack([v for _, v, _ in parts])
-    mean[empty] = 0.0          # the neutral element, whatever an empty part held
-    var[empty] = 0.0
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        while mean.shape[0] > 1:
-            k = mean.shape[0] // 2 * 2        # pairs (0, 1), (2, 3), ...; an odd last waits
-            na, nb = counts[0:k:2], counts[1:k:2]
-            n = na + nb
-            wa = np.where(n > 0, na / np.where(n > 0, n, 1.0), 0.0)
-            wb = np.where(n > 0, nb / np.where(n > 0, n, 1.0), 0.0)
-            ma, mb = mean[0:k:2], mean[1:k:2]
-            delta = mb - ma
-            # weights, not sums of squares: a part merged with an empty one stays exact
-            merged_mean = ma + delta * wb
-            merged_var = wa * var[0:k:2] + wb * var[1:k:2] + (wa * delta) * (wb * delta)
-            mean = np.concatenate([merged_mean, mean[k:]])
-            var = np.concatenate([merged_var, var[k:]])
-            counts = np.concatenate([n, counts[k:]])
-    return Stats(mean[0], var[0], total)
+    from . import _kernels      # compiled; imported here, as _kernels imports this module
+
+    mean, var = _kernels.merge_parts(np.array([float(n) for _, _, n in parts]),
+                                     np.stack([m for m, _, _ in parts]),
+                                     np.stack([v for _, v, _ in parts]))
+    return Stats(mean, var, total)
