@@ -207,3 +207,29 @@ def test_topic_bias(capsys):
     assert np.abs(r["grad_w"]).max() > 1e-3
     np.testing.assert_allclose(r["mean_shift"], r["bias"], atol=1e-12)
     assert "max |y(with b) - y(without b)|" in out and "dL/db" in out
+
+
+# --- many processes -------------------------------------------------------------------------
+
+
+def test_split_statistics_right_and_wrong():
+    from batchnorm._explain import split_statistics
+
+    x = np.array([[4, 5, 2, 1], [3, 4, 6, 0], [1, 4, 7, 9]], dtype=np.float64)
+    r = split_statistics([x[:1], x[1:]])
+    np.testing.assert_allclose(r["merged"].mean, x.mean(axis=0), rtol=1e-15)
+    np.testing.assert_allclose(r["merged"].var, x.var(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(r["merged_offset_var"], x.var(axis=0), rtol=1e-6)
+    assert np.abs(r["mean_of_means"] - x.mean(axis=0)).max() > 0.3
+    assert np.abs(r["mean_of_vars"] - x.var(axis=0)).max() > 1.0
+    assert np.abs(r["moments_var"] - x.var(axis=0)).max() > 1.0
+
+
+def test_processes_topic_prints_the_numbers(capsys):
+    from batchnorm._explain import main
+
+    assert main(["--topic", "processes"]) == 0
+    text = capsys.readouterr().out
+    assert "mean of the means     (3, 4.5, 4.25, 2.75)" in text
+    assert "merged                mean (2.67, 4.33, 5, 3.33)  var (1.56, 0.222, 4.67, 16.2)" in text
+    assert "mpiexec -n 2 python -m batchnorm explain --processes" in text

@@ -213,11 +213,12 @@ def test_readme_starts_with_the_two_commands():
 def test_readme_example_runs():
     blocks = re.findall(r"^```python\n(.*?)```", _readme(), re.S | re.M)
     assert blocks
-    for code in blocks:
+    for i, code in enumerate(blocks):
         namespace: dict = {}
         exec(compile(code, "README.md", "exec"), namespace)
         assert namespace["st"].mean.shape == (4,)
-        assert namespace["y1"].shape == (1, 4)
+        if i == 0:      # the quick example
+            assert namespace["y1"].shape == (1, 4)
 
 
 def test_readme_links_to_the_guide():

@@ -28,6 +28,7 @@ import numpy as np
 
 from ._api import Stats, backward, batch_stats, forward_eval, forward_train
 from ._layer import BatchNorm
+from ._stats import merge_stats
 
 Out = Callable[[str], None]
 
@@ -44,7 +45,7 @@ CONVENTIONS = [
      "running = average of all batches so far, biased variance"),
 ]
 
-TOPICS = ("walkthrough", "layers", "params", "bias")
+TOPICS = ("walkthrough", "layers", "params", "bias", "processes")
 
 MAX_ROWS = 6  # rows of a batch printed before "..."
 MAX_VALUES = 8  # entries of a vector printed before "..."
@@ -58,8 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Walk through batch normalization with the numbers: a training step on a mini-batch, "
         "the running statistics under PyTorch's, Keras' and the cumulative convention, and "
-        "inference on the next example; then deeper layers, the parameter count and why a "
-        "bias before BN is redundant."
+        "inference on the next example; then deeper layers, the parameter count, why a "
+        "bias before BN is redundant, and the statistics of a batch split over processes "
+        "(run under mpiexec with --processes to see SyncBatchNorm do it)."
     )
     p.add_argument("--batch", default=DEFAULT_BATCH, metavar="ROWS",
                    help="the data inline: rows separated by ';', values by ',' "
@@ -93,6 +95,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shift: one number or one per feature (default: 0, its initial value)")
     p.add_argument("--topic", choices=("all",) + TOPICS, default="all",
                    help="what to show (default: all)")
+    p.add_argument("--processes", action="store_true",
+                   help="run SyncBatchNorm on the processes of mpiexec (needs mpi4py): "
+                        "`mpiexec -n 2 python -m batchnorm explain --processes`; each process "
+                        "takes some rows of the data")
 
 
 def _fail(msg: str) -> "SystemExit":
@@ -369,8 +375,92 @@ def bias_before_bn(x: np.ndarray, width: int = 3, seed: int = 1) -> dict:
 # --- printing -----------------------------------------------------------------------------
 
 
+def split_statistics(parts: Sequence[np.ndarray]) -> dict:
+    """The statistics of a batch split into parts (one per process), computed the right way
+    (merge_stats: Chan's formula) and the two wrong ways people use: the unweighted mean of
+    the per-part means (and variances), and E[x^2] - E[x]^2 from summed moments in float32
+    (on the same parts moved 1e4 away from zero)."""
+    stats = [batch_stats(p) for p in parts]
+    whole = batch_stats(np.concatenate(parts))
+    merged = merge_stats(*stats)
+    offset = [(np.asarray(p, np.float64) + 1e4).astype(np.float32) for p in parts]
+    n = np.float32(sum(len(p) for p in offset))
+    ex = sum(p.sum(axis=0, dtype=np.float32) for p in offset) / n
+    ex2 = sum((p * p).sum(axis=0, dtype=np.float32) for p in offset) / n
+    return dict(stats=stats, whole=whole, merged=merged,
+                mean_of_means=np.mean([st.mean for st in stats], axis=0),
+                mean_of_vars=np.mean([st.var for st in stats], axis=0),
+                moments_var=(ex2 - ex * ex).astype(np.float64),
+                merged_offset_var=merge_stats(*map(batch_stats, offset)).var)
+
+
+def explain_processes(out: Out = print) -> dict:
+    x = parse_matrix(DEFAULT_BATCH)
+    parts = [x[:1], x[1:]]
+    r = split_statistics(parts)
+    out("MANY PROCESSES: THE STATISTICS OF THE WHOLE BATCH")
+    out(f"Data-parallel training splits each batch over processes. The default mini-batch "
+        f"{x.shape},")
+    out("split unevenly: process 0 holds row 1, process 1 rows 2-3. Per process:")
+    for i, (p, st) in enumerate(zip(parts, r["stats"])):
+        out(f"  process {i} ({len(p)} row(s)): mean {fmt(st.mean, 3)}  var {fmt(st.var, 3)}")
+    out(f"  whole batch:          mean {fmt(r['whole'].mean, 3)}  var {fmt(r['whole'].var, 3)}")
+    out("Wrong ways to combine them:")
+    out(f"  mean of the means     {fmt(r['mean_of_means'], 3)}   (unweighted: process 0's "
+        "one row counts as much as two)")
+    out(f"  mean of the variances {fmt(r['mean_of_vars'], 3)}   (leaves out how far the "
+        "processes' means lie apart)")
+    out(f"  E[x^2] - E[x]^2 in float32, data 1e4 away from zero: var {fmt(r['moments_var'], 3)}")
+    out("Right: merge (count, mean, var) with Chan's formula (batchnorm.merge_stats):")
+    out(f"  merged                mean {fmt(r['merged'].mean, 3)}  var {fmt(r['merged'].var, 3)}")
+    out(f"  the same merge on the float32 data 1e4 away: var {fmt(r['merged_offset_var'], 3)}")
+    out("bn.SyncBatchNorm(C, comm) does this merge on every training step, with one MPI")
+    out("collective per forward and one per backward; see it on real processes with")
+    out("  mpiexec -n 2 python -m batchnorm explain --processes")
+    return r
+
+
+def explain_on_processes(args: argparse.Namespace, out: Out = print) -> int:
+    """SyncBatchNorm on the processes of COMM_WORLD: each takes some rows of the data; rank
+    0 prints what each holds and the result, checked against one process."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise _fail("--processes needs mpi4py and an MPI (pip install mpi4py mpich), and is "
+                    "run as: mpiexec -n 2 python -m batchnorm explain --processes") from None
+    from ._sync import SyncBatchNorm
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    data = load_batch(args)
+    ax = args.axis % data.ndim
+    rows = np.array_split(np.arange(len(data)), size)[rank]
+    eps = 0.0 if args.eps is None else args.eps
+    layer = SyncBatchNorm(data.shape[ax], comm, axis=ax, eps=eps, dtype=np.float64)
+    y = layer(data[rows])
+    local = batch_stats(data[rows], axis=ax)
+    report = comm.gather((rank, rows.tolist(), local, y), root=0)
+    if rank != 0:
+        return 0
+    library = " ".join(MPI.Get_library_version().splitlines()[0].split())
+    out(f"SYNCBATCHNORM ON {size} PROCESS(ES) (mpi4py, {library})")
+    for r, rws, st, _ in report:
+        out(f"  process {r}: rows {rws}: count {st.count}, mean {fmt(st.mean, 3)}, "
+            f"var {fmt(st.var, 3)}")
+    out(f"  the layer's running_mean {fmt(layer.running_mean, 3)} on every process, from the "
+        "union's")
+    out(f"  statistics, merged in one collective: count {sum(st.count for _, _, st, _ in report)}")
+    y_all = np.concatenate([yy for _, _, _, yy in report])
+    y_one, _ = forward_train(data, axis=ax, eps=eps)
+    out(f"  max |y(processes) - y(one process, whole batch)| = "
+        f"{np.abs(y_all - y_one).max():.1e}")
+    return 0
+
+
 def run(args: argparse.Namespace, out: Out = print) -> int:
     """Print the topics `args` asks for; returns the exit status (0)."""
+    if getattr(args, "processes", False):
+        return explain_on_processes(args, out)
     topic = getattr(args, "topic", "all")
     shown = TOPICS if topic == "all" else (topic,)
     first = True
@@ -386,6 +476,8 @@ def run(args: argparse.Namespace, out: Out = print) -> int:
             explain_params(out)
         elif t == "bias":
             explain_bias(out)
+        elif t == "processes":
+            explain_processes(out)
     return 0
 
 
