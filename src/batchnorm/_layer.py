@@ -228,7 +228,8 @@ class BatchNorm:
         >>> rng = np.random.default_rng(0)
         >>> batches = [rng.normal(5.0, 2.0, size=(64, 3)) for _ in range(10)]
         >>> layer = bn.BatchNorm(3, dtype=np.float64)
-        >>> layer.set_running_stats(bn.merge_stats(*map(bn.batch_stats, batches)), n_batches=10)
+        >>> st = bn.merge_stats(*map(bn.batch_stats, batches))
+        >>> layer.set_running_stats(st, n_batches=10)
         >>> whole = np.concatenate(batches)
         >>> bool(np.allclose(layer.running_var, whole.var(axis=0, ddof=1), rtol=1e-13))
         True

@@ -86,8 +86,8 @@ def merge_stats(*stats: Any) -> Stats:
     Chan's parallel formula on (count, mean, biased var) in float64, merged pairwise in the
     order given: a fixed tree, so the result is deterministic for a given order. It agrees
     with the statistics of the concatenated data up to the rounding of the parts' means,
-    about 1e-16 * |mean| / std relative in the variance (1e-12 for data 1e4 away from zero
-    with std 1, a few 1e-15 near zero). A part with count 0 (an empty batch) adds nothing,
+    about ``1e-16 * abs(mean) / std`` relative in the variance (1e-12 for data 1e4 away from
+    zero with std 1, a few 1e-15 near zero). A part with count 0 (an empty batch) adds nothing,
     whatever its mean and var hold. This is what a batch split across processes needs:
     neither the mean of the per-part variances nor E[x^2] - E[x]^2 gives the variance of
     the union (``python -m batchnorm explain --topic processes`` shows the numbers).
