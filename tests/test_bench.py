@@ -487,3 +487,8 @@ def test_asv_user_suite_runs_once(monkeypatch, threads):
     for name in ("track_ratio_to_multiply", "track_ratio_out_to_multiply"):
         ratio = getattr(overhead, name)()
         assert math.isfinite(ratio) and ratio > 0
+    for call in suite.CALLS:
+        ratios = suite.UserRatios()
+        ratios.setup("4x4", call)
+        ratio = ratios.track_ratio_to_copy("4x4", call)
+        assert math.isfinite(ratio) and ratio > 0, call

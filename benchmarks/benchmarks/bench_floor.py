@@ -4,8 +4,10 @@ The floor is the fastest of NumPy's copy ``x -> y`` on one thread and over slice
 threads as batchnorm uses (``x + dy -> dx`` for backward); see common.Floor. The operation
 writes into a preallocated ``out=``; statistics only read ``x`` and are quoted against the
 copy too (their ideal is below 1). float32, batchnorm's default threads (all cores), as in
-issue 3's targets. Floor and operation run round-robin, medians of 5 rounds: the ratio is
-what to compare across commits, the absolute times move with machine load.
+issue 3's targets. Floor and operation run round-robin (common.interleaved_medians: 15 kept
+rounds after a warm-up one, each sample after the settle pause): the ratio of medians is what
+to compare across commits; the absolute times move with machine load, the ratio by a few
+percent (benchmarks/README.md gives the measured spread).
 """
 
 from __future__ import annotations
@@ -51,5 +53,5 @@ class RatioToFloor:
             cands = self.floor.candidates("copy", x, np.empty_like(x))
         floor_names = list(cands)
         cands["op"] = ops[op]
-        medians = interleaved_medians(cands, rounds=5, min_sample=0.003)
+        medians = interleaved_medians(cands)
         return medians["op"] / min(medians[n] for n in floor_names)

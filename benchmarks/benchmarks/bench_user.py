@@ -16,6 +16,12 @@ UserLayer.time_*: a ``bn.BatchNorm(C)`` (float32 parameters): the training call 
 statistics updated), the eval call (running statistics used) and ``layer.backward(dy)`` after
 a training call.
 
+UserRatios.track_ratio_to_copy: each of those six calls, timed interleaved with
+``np.copyto`` of an array like x (the cheapest call that reads x and writes an array of its
+size), as the ratio of the medians (common.interleaved_medians). These are the user calls of
+the regression set (benchmarks/README.md): a ratio measured this way moves by a few percent
+between runs, where the absolute times above move with the machine's load.
+
 CallOverhead: ``bn.forward_eval`` on a (4, 4) float32 array, float32 vectors, allocating (the
 user's call) and with ``out=``, next to ``np.multiply(x, 2.0, out=y)`` on the same array, the
 cheapest NumPy call that reads x and writes y. track_ratio_*: the ratio of the two medians,
@@ -90,6 +96,44 @@ class UserLayer:
 
     def time_layer_backward(self, shape):
         self.train_layer.backward(self.dy)
+
+
+CALLS = ["forward_train", "forward_eval", "backward", "layer_train", "layer_eval",
+         "layer_backward"]
+
+
+class UserRatios:
+    params = [USER_SHAPES, CALLS]
+    param_names = ["shape", "call"]
+    unit = "time / np.copyto"
+    timeout = 120
+
+    def setup(self, shape, call):
+        bn.set_num_threads(None)
+        x, dy, ax, gamma, beta, mean, var = user_inputs(shape)
+        _, st = bn.forward_train(x, gamma, beta, axis=ax)
+        c = x.shape[ax]
+        layer = bn.BatchNorm(c)
+        layer.gamma, layer.beta = gamma, beta
+        if call == "layer_eval":
+            layer.running_mean, layer.running_var = mean, var
+            layer.eval()
+        elif call == "layer_backward":
+            layer(x)        # a training call, so that backward has its input
+        self.call = {
+            "forward_train": lambda: bn.forward_train(x, gamma, beta, axis=ax),
+            "forward_eval": lambda: bn.forward_eval(x, mean, var, gamma, beta, axis=ax),
+            "backward": lambda: bn.backward(dy, x, st, gamma, axis=ax),
+            "layer_train": lambda: layer(x),
+            "layer_eval": lambda: layer(x),
+            "layer_backward": lambda: layer.backward(dy),
+        }[call]
+        y = np.empty_like(x)
+        self.copy = lambda: np.copyto(y, x)
+
+    def track_ratio_to_copy(self, shape, call):
+        medians = interleaved_medians({"call": self.call, "copy": self.copy})
+        return medians["call"] / medians["copy"]
 
 
 class CallOverhead:

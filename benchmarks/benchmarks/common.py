@@ -108,8 +108,26 @@ class Floor:
             self.pool.shutdown()
 
 
-def interleaved_medians(cands: dict, rounds: int = 7, min_sample: float = 0.005) -> dict:
-    """Median seconds per call of each candidate, timed round-robin (one sample each a round)."""
+# The settle rule of ``python -m batchnorm bench`` (batchnorm._bench.SETTLE_SECONDS): idle
+# time, then one untimed call, before each sample. OpenMP threads spin for milliseconds after
+# a parallel region; without the pause they take the cores from the next candidate, and which
+# candidate loses depends on the order. Copied rather than imported: the suite runs against
+# old commits too, whose package may not have it.
+SETTLE_SECONDS = 0.02
+# Rounds of a tracked ratio: the median of 15 interleaved rounds moved by at most a few
+# percent between runs on the 2-core development machine (benchmarks/README.md: spread).
+RATIO_ROUNDS = 15
+
+
+def interleaved_medians(cands: dict, rounds: int = RATIO_ROUNDS, min_sample: float = 0.005,
+                        settle: float = SETTLE_SECONDS) -> dict:
+    """Median seconds per call of each candidate, timed round-robin.
+
+    Every candidate is called twice to warm up (the second call sizes its samples to last
+    ``min_sample``); then each round takes one sample of each candidate, the start rotating,
+    each sample after ``settle`` seconds idle and one untimed call. A first round is run and
+    discarded (caches, page faults, thread pools), then ``rounds`` are kept.
+    """
     number = {}
     for name, fn in cands.items():
         fn()
@@ -118,12 +136,16 @@ def interleaved_medians(cands: dict, rounds: int = 7, min_sample: float = 0.005)
         number[name] = max(1, math.ceil(min_sample / max(time.perf_counter() - t0, 1e-9)))
     samples = {name: [] for name in cands}
     names = list(cands)
-    for r in range(rounds):
+    for r in range(rounds + 1):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             fn, n = cands[name], number[name]
+            if settle > 0:
+                time.sleep(settle)
+                fn()
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / n)
+            if r > 0:       # round 0 is the warm-up
+                samples[name].append((time.perf_counter() - t0) / n)
     return {name: float(np.median(s)) for name, s in samples.items()}
