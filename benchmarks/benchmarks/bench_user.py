@@ -18,14 +18,15 @@ a training call.
 
 UserRatios.track_ratio_to_copy: each of those six calls, timed interleaved with
 ``np.copyto`` of an array like x (the cheapest call that reads x and writes an array of its
-size), as the ratio of the medians (common.interleaved_medians). These are the user calls of
-the regression set (benchmarks/README.md): a ratio measured this way moves by a few percent
-between runs, where the absolute times above move with the machine's load.
+size), as a ratio (common.interleaved_ratio), on one thread. These are the user calls of the
+regression set (benchmarks/README.md): a ratio measured this way moves by a few percent
+between runs, where the absolute times above move with the machine's load (and two threads
+with the host's).
 
 CallOverhead: ``bn.forward_eval`` on a (4, 4) float32 array, float32 vectors, allocating (the
 user's call) and with ``out=``, next to ``np.multiply(x, 2.0, out=y)`` on the same array, the
-cheapest NumPy call that reads x and writes y. track_ratio_*: the ratio of the two medians,
-measured interleaved in the same method (common.interleaved_medians), which moves less with
+cheapest NumPy call that reads x and writes y. track_ratio_*: the ratio of the two,
+measured interleaved in the same method (common.interleaved_ratio), which moves less with
 machine load than the absolute times.
 """
 
@@ -35,7 +36,7 @@ import numpy as np
 
 import batchnorm as bn
 
-from .common import interleaved_medians, inputs
+from .common import apart, inputs, interleaved_ratio
 
 # per-call shapes (4x4, 64x128, 8x32x8x8) and the peer table's 2-D one
 USER_SHAPES = ["4x4", "64x128", "8x32x8x8", "256x1024"]
@@ -109,7 +110,7 @@ class UserRatios:
     timeout = 120
 
     def setup(self, shape, call):
-        bn.set_num_threads(None)
+        bn.set_num_threads(1)
         x, dy, ax, gamma, beta, mean, var = user_inputs(shape)
         _, st = bn.forward_train(x, gamma, beta, axis=ax)
         c = x.shape[ax]
@@ -128,12 +129,11 @@ class UserRatios:
             "layer_eval": lambda: layer(x),
             "layer_backward": lambda: layer.backward(dy),
         }[call]
-        y = np.empty_like(x)
+        y = apart(x)        # half a page from x: no 4K aliasing in the reference
         self.copy = lambda: np.copyto(y, x)
 
     def track_ratio_to_copy(self, shape, call):
-        medians = interleaved_medians({"call": self.call, "copy": self.copy})
-        return medians["call"] / medians["copy"]
+        return interleaved_ratio(self.call, {"copy": self.copy})
 
 
 class CallOverhead:
@@ -161,8 +161,7 @@ class CallOverhead:
         return lambda: np.multiply(x, 2.0, out=y)
 
     def _ratio(self, call) -> float:
-        medians = interleaved_medians({"bn": call, "multiply": self._multiply()})
-        return medians["bn"] / medians["multiply"]
+        return interleaved_ratio(call, {"multiply": self._multiply()})
 
     def time_forward_eval(self):
         bn.forward_eval(self.x, self.mean, self.var, self.gamma, self.beta, axis=self.axis)

@@ -57,6 +57,20 @@ def inputs(shape: str, layout: str, dtype: str, *, loc: float = 3.0, scale: floa
     return x, dy, axis, gamma, beta
 
 
+def apart(x: np.ndarray, offset: int = 2048) -> np.ndarray:
+    """An uninitialised array like x (C order) whose data starts ``offset`` bytes after x's,
+    modulo 4096.
+
+    Where the allocator puts a destination relative to its source decides whether their
+    addresses alias modulo 4 KB, which can slow a copy or a kernel's stream of loads and stores
+    severalfold (the 64x128 copy here: 1.4x from one process to the next). Half a page apart,
+    always, takes that out of the figures the suite compares.
+    """
+    buf = np.empty(x.nbytes + 8192, np.uint8)
+    shift = (x.ctypes.data + offset - buf.ctypes.data) % 4096
+    return buf[shift:shift + x.nbytes].view(x.dtype).reshape(x.shape)
+
+
 def set_threads(threads: str) -> None:
     """'1' or 'all' (batchnorm's default: OMP_NUM_THREADS, or every core)."""
     bn.set_num_threads(None if threads == "all" else int(threads))
@@ -114,14 +128,13 @@ class Floor:
 # candidate loses depends on the order. Copied rather than imported: the suite runs against
 # old commits too, whose package may not have it.
 SETTLE_SECONDS = 0.02
-# Rounds of a tracked ratio: the median of 15 interleaved rounds moved by at most a few
-# percent between runs on the 2-core development machine (benchmarks/README.md: spread).
+# Rounds of a tracked ratio (benchmarks/README.md gives the spread this reaches).
 RATIO_ROUNDS = 15
 
 
-def interleaved_medians(cands: dict, rounds: int = RATIO_ROUNDS, min_sample: float = 0.005,
+def interleaved_samples(cands: dict, rounds: int = RATIO_ROUNDS, min_sample: float = 0.005,
                         settle: float = SETTLE_SECONDS) -> dict:
-    """Median seconds per call of each candidate, timed round-robin.
+    """Seconds per call of each candidate in each round, timed round-robin.
 
     Every candidate is called twice to warm up (the second call sizes its samples to last
     ``min_sample``); then each round takes one sample of each candidate, the start rotating,
@@ -148,4 +161,13 @@ def interleaved_medians(cands: dict, rounds: int = RATIO_ROUNDS, min_sample: flo
                 fn()
             if r > 0:       # round 0 is the warm-up
                 samples[name].append((time.perf_counter() - t0) / n)
-    return {name: float(np.median(s)) for name, s in samples.items()}
+    return samples
+
+
+def interleaved_ratio(op, references: dict, **kwargs) -> float:
+    """op's time over the fastest reference's, as the median over rounds of the two samples
+    of the same round: a slow spell of the machine falls on both samples of a round, so the
+    ratio moves less between runs than a ratio of medians (measured: benchmarks/README.md)."""
+    samples = interleaved_samples({"op": op, **references}, **kwargs)
+    best = min(references, key=lambda name: np.median(samples[name]))
+    return float(np.median(np.array(samples["op"]) / np.array(samples[best])))
