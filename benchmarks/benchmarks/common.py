@@ -128,18 +128,23 @@ class Floor:
 # candidate loses depends on the order. Copied rather than imported: the suite runs against
 # old commits too, whose package may not have it.
 SETTLE_SECONDS = 0.02
-# Rounds of a tracked ratio (benchmarks/README.md gives the spread this reaches).
+# Rounds of a tracked ratio: at least RATIO_ROUNDS, and more until RATIO_SECONDS have passed
+# (the host's slow spells last a second or more; a ratio taken over a few seconds rides them
+# out). benchmarks/README.md gives the spread this reaches.
 RATIO_ROUNDS = 15
+RATIO_SECONDS = 2.5
 
 
 def interleaved_samples(cands: dict, rounds: int = RATIO_ROUNDS, min_sample: float = 0.005,
-                        settle: float = SETTLE_SECONDS) -> dict:
+                        settle: float = SETTLE_SECONDS,
+                        seconds: float = RATIO_SECONDS) -> dict:
     """Seconds per call of each candidate in each round, timed round-robin.
 
     Every candidate is called twice to warm up (the second call sizes its samples to last
     ``min_sample``); then each round takes one sample of each candidate, the start rotating,
     each sample after ``settle`` seconds idle and one untimed call. A first round is run and
-    discarded (caches, page faults, thread pools), then ``rounds`` are kept.
+    discarded (caches, page faults, thread pools), then rounds are kept until there are
+    ``rounds`` of them and ``seconds`` have passed (at most 20 times ``rounds``).
     """
     number = {}
     for name, fn in cands.items():
@@ -149,7 +154,8 @@ def interleaved_samples(cands: dict, rounds: int = RATIO_ROUNDS, min_sample: flo
         number[name] = max(1, math.ceil(min_sample / max(time.perf_counter() - t0, 1e-9)))
     samples = {name: [] for name in cands}
     names = list(cands)
-    for r in range(rounds + 1):
+    start, r = time.perf_counter(), 0
+    while r <= rounds or (time.perf_counter() - start < seconds and r <= 20 * rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             fn, n = cands[name], number[name]
@@ -161,6 +167,7 @@ def interleaved_samples(cands: dict, rounds: int = RATIO_ROUNDS, min_sample: flo
                 fn()
             if r > 0:       # round 0 is the warm-up
                 samples[name].append((time.perf_counter() - t0) / n)
+        r += 1
     return samples
 
 
