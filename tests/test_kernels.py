@@ -234,7 +234,7 @@ def test_num_threads_semantics(threads):
     assert bn.get_num_threads() == default
     bn.set_num_threads(2)
     for bad in (0, -1):
-        with pytest.raises(ValueError, match="positive number of threads or None"):
+        with pytest.raises(ValueError, match="positive integer number of threads or None"):
             bn.set_num_threads(bad)
         assert bn.get_num_threads() == (2 if openmp else 1)  # unchanged
     with pytest.raises(TypeError):

@@ -71,7 +71,7 @@ def test_defaults():
 @pytest.mark.parametrize(
     "args, kw, exc, msg",
     [
-        ((0,), {}, ValueError, "num_features must be >= 1"),
+        ((0,), {}, ValueError, "num_features must be an integer >= 1, got 0"),
         ((2.5,), {}, TypeError, "num_features must be an integer"),
         ((3,), {"dtype": np.int32}, TypeError, "dtype must be float32 or float64"),
         ((3,), {"dtype": np.float16}, TypeError, "dtype must be float32 or float64"),

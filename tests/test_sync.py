@@ -268,18 +268,27 @@ def test_a_bad_backward_on_one_rank_raises_everywhere(bad):
     assert isinstance(results[1], RuntimeError) and "rank(s) 0 of 2" in str(results[1])
 
 
-def test_a_bad_x_on_one_rank_raises_everywhere():
+@pytest.mark.parametrize("bad, match", [
+    ("ragged x", "rectangular"),
+    ("out of another shape", "out must have shape"),   # checked before the exchange
+])
+def test_a_bad_forward_argument_on_one_rank_raises_everywhere(bad, match):
     def rank(comm):
         layer = bn.SyncBatchNorm(2, comm)
-        x = [[1.0, 2.0], [3.0]] if comm.Get_rank() == 0 else np.ones((4, 2), np.float32)
+        x, out = np.ones((4, 2), np.float32), None
+        if comm.Get_rank() == 0:
+            if bad == "ragged x":
+                x = [[1.0, 2.0], [3.0]]
+            else:
+                out = np.empty((4, 3), np.float32)
         try:
-            layer(x)
+            layer(x, out=out)
         except (ValueError, RuntimeError) as e:
             return e
 
     results, _ = run_ranks(2, rank)
-    assert isinstance(results[0], ValueError) and "rectangular" in str(results[0])
-    assert isinstance(results[1], RuntimeError)
+    assert isinstance(results[0], ValueError) and match in str(results[0])
+    assert isinstance(results[1], RuntimeError) and "rank(s) 0 of 2" in str(results[1])
 
 
 def test_too_few_values_over_all_ranks():
@@ -322,21 +331,6 @@ def test_from_batchnorm_keeps_the_state_and_the_configuration():
         return True
 
     ok(run_ranks(2, rank)[0])
-
-
-def test_out_is_checked_before_the_exchange():
-    def rank(comm):
-        layer = bn.SyncBatchNorm(2, comm)
-        x = np.ones((3, 2), np.float32)
-        out = np.empty((3, 3), np.float32) if comm.Get_rank() == 1 else None
-        try:
-            layer(x, out=out)
-        except (ValueError, RuntimeError) as e:
-            return e
-
-    results, _ = run_ranks(2, rank)
-    assert isinstance(results[1], ValueError) and "out must have shape" in str(results[1])
-    assert isinstance(results[0], RuntimeError)
 
 
 # --- real processes: mpiexec from the mpich wheel -----------------------------------------

@@ -257,7 +257,7 @@ def test_thread_requests_are_checked_and_capped(threads):
     for bad in (True, np.bool_(True), 2.0, "2"):
         with pytest.raises(TypeError, match="n must be a positive integer"):
             bn.set_num_threads(bad)
-    with pytest.raises(ValueError, match="positive number of threads"):
+    with pytest.raises(ValueError, match="positive integer number of threads"):
         bn.set_num_threads(0)
     bn.set_num_threads(10**6)
     cap = bn.get_num_threads()

@@ -7,13 +7,13 @@ written, and calls the C core. Functions keep no state.
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Optional
 
 import numpy as np
 
 from . import _kernels
 from ._stats import Stats
+from . import _validation
 from ._validation import supported_dtypes
 
 __all__ = [
@@ -231,15 +231,7 @@ def set_num_threads(n: Optional[int]) -> None:
     if n is None:
         _kernels.set_num_threads(0)
         return
-    if isinstance(n, (bool, np.bool_)):
-        raise TypeError(f"n must be a positive integer number of threads or None, got {n!r}")
-    try:
-        k = operator.index(n)
-    except TypeError:
-        raise TypeError(
-            f"n must be a positive integer number of threads or None, got {n!r}") from None
-    if k < 1:
-        raise ValueError(f"n must be a positive number of threads or None, got {n!r}")
+    k = _validation.integer(n, "n", "a positive integer number of threads or None", low=1)
     _kernels.set_num_threads(min(k, _kernels.max_threads()))
 
 

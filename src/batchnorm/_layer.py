@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 import warnings
 from typing import Any, Optional
 
@@ -120,14 +119,7 @@ class BatchNorm:
         dtype: Any = np.float32,
         check_finite: bool = False,
     ) -> None:
-        try:
-            if isinstance(num_features, (bool, np.bool_)):
-                raise TypeError
-            c = operator.index(num_features)
-        except TypeError:
-            raise TypeError(f"num_features must be an integer, got {num_features!r}") from None
-        if c < 1:
-            raise ValueError(f"num_features must be >= 1, got {c}")
+        c = _validation.integer(num_features, "num_features", "an integer >= 1", low=1)
         dt = np.dtype(dtype)
         if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"dtype must be float32 or float64, got {dt}")
@@ -246,15 +238,8 @@ class BatchNorm:
                              f"({'unbiased' if least == 2 else 'biased'} running variance), "
                              f"got {st.count}")
         if n_batches is not None:
-            if isinstance(n_batches, (bool, np.bool_)):
-                raise TypeError(f"n_batches must be an integer or None, got {n_batches!r}")
-            try:
-                n_batches = operator.index(n_batches)
-            except TypeError:
-                raise TypeError(
-                    f"n_batches must be an integer or None, got {n_batches!r}") from None
-            if not 0 <= n_batches < 2**63:
-                raise ValueError(f"n_batches must be in [0, 2**63), got {n_batches}")
+            n_batches = _validation.integer(n_batches, "n_batches",
+                                            "an integer in [0, 2**63) or None", 0, 2**63)
         var = st.unbiased_var() if self.unbiased_running_var else st.var
         mean = self._checked_vector(st.mean, "running_mean")
         var = self._checked_vector(var, "running_var")
@@ -293,16 +278,8 @@ class BatchNorm:
         new = {}
         for key in sorted(expected & given):
             if key == "num_batches_tracked":
-                try:
-                    n = operator.index(np.asarray(state[key]).item())
-                except TypeError:
-                    raise TypeError(
-                        f"num_batches_tracked must be an integer, got {state[key]!r}"
-                    ) from None
-                if not 0 <= n < 2**63:
-                    raise ValueError(
-                        f"num_batches_tracked must be in [0, 2**63) (an int64 count), got {n}")
-                new[key] = n
+                new[key] = _validation.integer(np.asarray(state[key]).item(), key,
+                                               "an integer in [0, 2**63)", 0, 2**63)
             else:
                 new["_" + key] = self._checked_vector(state[key], key)
         for key, value in new.items():

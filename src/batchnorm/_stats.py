@@ -7,7 +7,6 @@ into those of the whole: what SyncBatchNorm and ``batchnorm.dask`` build on.
 
 from __future__ import annotations
 
-import operator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -59,15 +58,8 @@ def _part(st: Any, i: int) -> tuple:
         raise TypeError(f"merge_stats: argument {i} must be a Stats or a (mean, var, count) "
                         f"tuple, got {type(st).__name__}{hint}")
     mean, var, count = st
-    if isinstance(count, (bool, np.bool_)):
-        raise TypeError(f"merge_stats: argument {i} has a bool count, {count!r}")
-    try:
-        n = operator.index(count)
-    except TypeError:
-        raise TypeError(f"merge_stats: argument {i} has count {count!r}; expected an "
-                        f"integer >= 0") from None
-    if n < 0:
-        raise ValueError(f"merge_stats: argument {i} has count {n}; expected >= 0")
+    n = _validation.integer(count, f"merge_stats: argument {i}'s count", "an integer >= 0",
+                            low=0)
     mean = np.asarray(mean)
     c = mean.shape[0] if mean.ndim == 1 else -1
     if c < 0:

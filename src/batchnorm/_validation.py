@@ -87,14 +87,24 @@ def output(out: Any, like: np.ndarray) -> None:
         raise ValueError("out is read-only")
 
 
+def integer(value: Any, name: str, what: str = "an integer", low: Any = None,
+            high: Any = None) -> int:
+    """value as a Python int (any integer type but bool) in [low, high), else a TypeError or
+    ValueError saying "{name} must be {what}, got ..."."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    try:
+        k = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, got {value!r}") from None
+    if (low is not None and k < low) or (high is not None and k >= high):
+        raise ValueError(f"{name} must be {what}, got {k}")
+    return k
+
+
 def axis_index(axis: Any) -> int:
     """axis as a Python int (any integer type but bool), or a TypeError naming it."""
-    if isinstance(axis, (bool, np.bool_)):
-        raise TypeError(f"axis must be an integer, got {axis!r}")
-    try:
-        return operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an integer, got {axis!r}") from None
+    return integer(axis, "axis")
 
 
 def channel_axis(axis: Any, ndim: int) -> int:
