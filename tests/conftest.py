@@ -9,6 +9,7 @@ Helpers are plain functions (import them with ``from conftest import ...``); fix
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import numpy as np
@@ -16,6 +17,10 @@ import pytest
 
 import batchnorm as bn
 from batchnorm import _kernels
+
+# Keras picks its backend once, at import: the tests use the NumPy backend, the one that
+# batchnorm.keras.install() serves (set before any test module imports keras).
+os.environ["KERAS_BACKEND"] = "numpy"
 
 DTYPES = (np.float32, np.float64)
 
@@ -237,15 +242,24 @@ def count_per_channel(shape, axis) -> int:
 # --- optional integrations ----------------------------------------------------------------
 
 
-def require(module: str):
+def require(module: str, extra: str = "test"):
     """Import an optional test dependency (mpi4py, dask, ...), or skip the test without it.
 
-    CI installs every extra and sets BATCHNORM_TEST_REQUIRE_EXTRAS=1, which turns a missing
-    one into a failure: there the tests of an integration can never skip silently.
+    ``extra`` names the group it comes from (an extra of pyproject.toml, or "torch", which
+    CI installs on its own). CI installs them and sets BATCHNORM_TEST_REQUIRE_EXTRAS, which
+    turns a missing one into a failure, so the tests of an integration never skip silently
+    there: "1" requires every group, a comma-separated list ("test") only those named.
     """
     import importlib
+
+    if extra_required(extra):
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"needs {module} (the {extra!r} extra)")
+
+
+def extra_required(extra: str = "test") -> bool:
+    """Whether CI requires the group ``extra`` here (see :func:`require`)."""
     import os
 
-    if os.environ.get("BATCHNORM_TEST_REQUIRE_EXTRAS") == "1":
-        return importlib.import_module(module)
-    return pytest.importorskip(module)
+    required = os.environ.get("BATCHNORM_TEST_REQUIRE_EXTRAS", "")
+    return required == "1" or extra in required.split(",")

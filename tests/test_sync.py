@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from conftest import python_cmd, require
+from conftest import extra_required, python_cmd, require
 
 HERE = Path(__file__).resolve().parent
 
@@ -341,7 +341,7 @@ def _mpiexec():
     bindir = os.path.dirname(sys.executable)
     exe = shutil.which("mpiexec", path=bindir) or shutil.which("mpiexec")
     if exe is None:
-        if os.environ.get("BATCHNORM_TEST_REQUIRE_EXTRAS") == "1":
+        if extra_required("test"):
             pytest.fail("mpiexec not found (pip install mpich)")
         pytest.skip("mpiexec not found (pip install mpich)")
     return exe

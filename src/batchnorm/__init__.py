@@ -22,9 +22,11 @@ from ._api import (
     supported_dtypes,
 )
 from ._config import available_isas, config, show_config
+from ._fold import fold
 from ._layer import BatchNorm
 from ._stats import merge_stats
 from ._sync import SyncBatchNorm
+from . import convert  # noqa: E402  (after BatchNorm, which it builds)
 
 __version__ = "0.1.0"
 
@@ -36,7 +38,9 @@ __all__ = [
     "backward",
     "batch_stats",
     "config",
+    "convert",
     "forward_eval",
+    "fold",
     "forward_train",
     "get_num_threads",
     "merge_stats",
