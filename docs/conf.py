@@ -42,6 +42,13 @@ autodoc_typehints = "none"  # the docstrings say the types; signatures stay shor
 # Code examples: plain ">>>" blocks, run by the doctest builder (and by tests/test_guide.py).
 # Every page imports what it uses, so the same blocks also run under doctest.testfile.
 doctest_test_doctest_blocks = "default"
+# Examples that need a framework (convert.rst) are ``.. doctest::`` blocks with
+# ``:skipif: not have("torch")``: skipped where it is not installed, run where it is (CI).
+doctest_global_setup = """
+import importlib.util
+def have(*modules):
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+"""
 
 nitpicky = False
 

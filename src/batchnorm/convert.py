@@ -2,17 +2,9 @@
 
 ``from_torch`` / ``to_torch``, ``from_keras`` / ``to_keras``, ``from_flax`` / ``to_flax`` and
 ``from_onnx`` / ``to_onnx`` move the parameters, the running statistics and the settings that
-decide what the layer computes, translating the conventions that differ:
-
-================  ===========  ==============  ===============  ===========  ============
-framework         momentum     running var     eps default      channel axis affine flags
-================  ===========  ==============  ===============  ===========  ============
-PyTorch           new weight   unbiased        1e-5             1            affine
-Keras 3           decay        biased          1e-3             -1           center, scale
-Flax (linen/NNX)  decay        biased          1e-5             -1           use_bias, use_scale
-ONNX              decay        biased          1e-5             1            always
-this package      new weight   either          1e-5             any          affine
-================  ===========  ==============  ===============  ===========  ============
+decide what the layer computes, translating the conventions that differ (momentum as the
+weight of a new batch or as a decay, biased or unbiased running variance, eps defaults,
+channel axis, scale/shift flags; the guide page tabulates them).
 
 A *decay* d is the weight ``1 - d`` of the new batch; it is converted in decimal (0.99 <->
 0.01 exactly as typed, not ``1 - 0.99 = 0.010000000000000009``), so round trips are exact.
