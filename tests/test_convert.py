@@ -373,6 +373,10 @@ def test_flax_nnx_module_state_and_round_trip():
     assert_same_layer(layer, from_module)
     assert_same_layer(layer, bn.convert.from_flax(nnx.state(module), **fields)
                       .train(False))
+    module.train()                               # one training step in both
+    close(layer.train()(x), np.asarray(module(x)))
+    close(layer.running_mean, np.asarray(module.mean[...]))
+    close(layer.running_var, np.asarray(module.var[...]))
 
 
 # --- ONNX ------------------------------------------------------------------------------------
@@ -446,3 +450,40 @@ def test_onnx_errors():
         bn.convert.from_onnx(node, bad)
     with pytest.raises(TypeError, match="BatchNormalization"):
         bn.convert.from_onnx(onnx.helper.make_node("Relu", ["x"], ["y"]), tensors)
+
+
+@pytest.mark.parametrize("opset", [14, 15])
+def test_from_onnx_training_node_matches_a_training_step(opset):
+    onnx = require("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    c, shape = 4, (8, 4, 3)
+    tensors = [onnx.numpy_helper.from_array(v.astype(np.float32), n) for n, v in [
+        ("s", RNG.normal(1, 0.3, c)), ("b", RNG.normal(0, 1, c)), ("m", RNG.normal(0, 1, c)),
+        ("v", RNG.uniform(0.5, 2, c))]]
+    node = onnx.helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"],
+                                 ["y", "rm", "rv"], training_mode=1, momentum=0.8,
+                                 epsilon=1e-3)
+    elem = onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph(
+        [node], "bn", [onnx.helper.make_tensor_value_info("x", elem, list(shape))],
+        [onnx.helper.make_tensor_value_info("y", elem, list(shape))]
+        + [onnx.helper.make_tensor_value_info(n, elem, [c]) for n in ("rm", "rv")], tensors)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    layer = bn.convert.from_onnx(node, tensors, opset=opset)
+    assert layer.training and layer.momentum == 0.2 and layer.eps == 1e-3
+    x = (RNG.normal(size=shape) * 2 + 1).astype(np.float32)
+    y, rm, rv = ReferenceEvaluator(model).run(None, {"x": x})
+    close(layer(x), y)
+    close(layer.running_mean, rm)
+    close(layer.running_var, rv)
+
+
+def test_converted_layer_names_a_channel_axis_the_input_lacks():
+    layer = bn.convert.from_keras([np.zeros(3), np.ones(3)], {"axis": 3, "scale": False,
+                                                              "center": False})
+    with pytest.raises(ValueError, match="axis 3 is out of range for an input with 2"):
+        layer(np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match="one integer"):
+        bn.convert.from_keras([np.zeros(3), np.ones(3)], {"axis": [1, 2], "scale": False,
+                                                          "center": False})
