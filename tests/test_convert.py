@@ -487,3 +487,35 @@ def test_converted_layer_names_a_channel_axis_the_input_lacks():
     with pytest.raises(ValueError, match="one integer"):
         bn.convert.from_keras([np.zeros(3), np.ones(3)], {"axis": [1, 2], "scale": False,
                                                           "center": False})
+
+
+def test_keras_renorm_layer_converts_both_ways():
+    keras = require("keras", extra="test-frameworks")
+    clip = {"rmax": 2.0, "rmin": 0.5, "dmax": 1.0}
+    kl = keras.layers.BatchNormalization(renorm=True, renorm_clipping=clip, renorm_momentum=0.9,
+                                         momentum=0.8)
+    kl.build((12, 3))
+    for step in range(3):
+        kl(RNG.normal(step, 1 + step, (12, 3)).astype(np.float32), training=True)
+    layer = bn.convert.from_keras(kl)
+    assert layer.renorm and layer.renorm_clipping == clip and layer.renorm_momentum == 0.1
+    x = RNG.normal(2, 3, (12, 3)).astype(np.float32)
+    close(layer(x), kl(x, training=True))                 # one more step in both
+    back = bn.convert.from_keras(kl)
+    for k in ("running_mean", "running_var", "running_std", "renorm_mean", "renorm_std"):
+        close(getattr(layer, k), getattr(back, k))
+    weights, config = bn.convert.to_keras(layer)
+    again = keras.layers.BatchNormalization.from_config(config)
+    again.build((12, 3))
+    again.set_weights(weights)
+    layer.num_batches_tracked = 0
+    assert_same_layer(layer, bn.convert.from_keras(again))
+
+
+@pytest.mark.parametrize("to", [bn.convert.to_torch, bn.convert.to_flax, bn.convert.to_keras])
+def test_variants_no_framework_has_are_refused(to):
+    with pytest.raises(ValueError, match="ghost batches"):
+        to(random_layer(axis=-1, unbiased_running_var=False, virtual_batch_size=4))
+    if to is not bn.convert.to_keras:
+        with pytest.raises(ValueError, match="batch renormalization"):
+            to(bn.BatchNorm(3, renorm=True, unbiased_running_var=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional
 
@@ -13,6 +14,9 @@ from ._stats import Stats, merge_stats
 __all__ = ["BatchNorm"]
 
 _STATE_KEYS = ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked")
+# Batch renormalization's state (Keras' moving_stddev, renorm_mean, renorm_stddev)
+_RENORM_KEYS = ("running_std", "renorm_mean", "renorm_std")
+_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
 # Values of the forward input that backward checks for changes: a buffer refilled with the
@@ -80,6 +84,24 @@ class BatchNorm:
     check_finite : bool, default False
         Raise ValueError on NaN or inf in the input (and in dy in backward) instead of
         letting them propagate; either way they never enter the running statistics.
+    virtual_batch_size : int >= 2, optional
+        Ghost batch normalization: a training call splits x along its first axis into
+        consecutive groups of this many rows (the last may be smaller, but not 1) and is
+        exactly the successive training calls on those groups: outputs, running statistics,
+        ``num_batches_tracked`` and gradients. Eval mode is unchanged.
+    renorm : bool, default False
+        Batch renormalization (Ioffe 2017), with Keras 3's semantics: in training,
+        ``y = (xhat * r + d) * gamma + beta`` with ``r = std / renorm_std`` and
+        ``d = (mean - renorm_mean) / renorm_std`` (the batch's ``std = sqrt(var + eps)``,
+        ``renorm_std`` at least ``sqrt(eps)``), clipped, and constants for the gradient.
+        ``renorm_mean`` and ``renorm_std`` are averages with ``renorm_momentum``; the
+        running standard deviation ``running_std`` is averaged with ``momentum`` and gives
+        ``running_var = max(running_std**2 - eps, 0)`` for inference.
+    renorm_clipping : dict, optional
+        ``{"rmax": >= 1, "rmin": in [0, 1], "dmax": >= 0}``; a missing key does not clip.
+    renorm_momentum : float, default 0.01
+        Weight of the new batch in ``renorm_mean`` and ``renorm_std`` (this package's
+        convention: Keras' ``renorm_momentum=0.99`` is 0.01 here).
 
     Notes
     -----
@@ -118,15 +140,17 @@ class BatchNorm:
         unbiased_running_var: bool = True,
         dtype: Any = np.float32,
         check_finite: bool = False,
+        virtual_batch_size: Optional[int] = None,
+        renorm: bool = False,
+        renorm_clipping: Optional[dict] = None,
+        renorm_momentum: float = 0.01,
     ) -> None:
         c = _validation.integer(num_features, "num_features", "an integer >= 1", low=1)
         dt = np.dtype(dtype)
         if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"dtype must be float32 or float64, got {dt}")
         if momentum is not None:
-            momentum = float(momentum)
-            if not 0.0 <= momentum <= 1.0:
-                raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+            momentum = _momentum(momentum, "momentum")
         self.num_features = c
         self.axis = _validation.axis_index(axis)
         self.eps = _validation.eps(eps)
@@ -136,11 +160,20 @@ class BatchNorm:
         self.unbiased_running_var = bool(unbiased_running_var)
         self.dtype = dt
         self.check_finite = bool(check_finite)
+        self.virtual_batch_size = None if virtual_batch_size is None else _validation.integer(
+            virtual_batch_size, "virtual_batch_size", "an integer >= 2 or None", low=2)
+        self.renorm = _validation.flag(renorm, "renorm")
+        self.renorm_clipping = _renorm_clipping(renorm_clipping, self.renorm)
+        self.renorm_momentum = _momentum(renorm_momentum, "renorm_momentum")
+        if self.renorm and not self.track_running_stats:
+            raise ValueError("renorm=True needs track_running_stats=True (r and d come from "
+                             "running statistics)")
         self.training = True
         self.grad_gamma: Optional[np.ndarray] = None
         self.grad_beta: Optional[np.ndarray] = None
         self._gamma = self._beta = None
         self._running_mean = self._running_var = None
+        self._running_std = self._renorm_mean = self._renorm_std = None
         self.num_batches_tracked: Optional[int] = None
         self._saved: Optional[tuple] = None  # what backward needs from the last forward
         self.reset_parameters()
@@ -154,14 +187,14 @@ class BatchNorm:
         with np.errstate(all="ignore"):  # the overflow is reported below, by name
             cast = v.astype(self.dtype)
         finite = np.isfinite(v)
-        if name.startswith("running_") and not finite.all():
+        if name.startswith(("running_", "renorm_")) and not finite.all():
             raise ValueError(f"{name} must be finite, got NaN or inf in channel(s) "
                              f"{_channels(~finite)}")
         if (finite & ~np.isfinite(cast)).any():
             raise ValueError(f"{name} has values beyond the range of {self.dtype.name} in "
                              f"channel(s) {_channels(finite & ~np.isfinite(cast))}")
-        if name == "running_var" and (v < 0).any():
-            raise ValueError(f"running_var must be non-negative, got negative values in "
+        if name in ("running_var", "running_std", "renorm_std") and (v < 0).any():
+            raise ValueError(f"{name} must be non-negative, got negative values in "
                              f"channel(s) {_channels(v < 0)}")
         return cast
 
@@ -182,6 +215,9 @@ class BatchNorm:
     beta = _vector_property("beta", "affine")
     running_mean = _vector_property("running_mean", "track_running_stats")
     running_var = _vector_property("running_var", "track_running_stats")
+    running_std = _vector_property("running_std", "renorm")
+    renorm_mean = _vector_property("renorm_mean", "renorm")
+    renorm_std = _vector_property("renorm_std", "renorm")
     del _vector_property
 
     def reset_running_stats(self) -> None:
@@ -190,6 +226,10 @@ class BatchNorm:
             self._running_mean = np.zeros(self.num_features, self.dtype)
             self._running_var = np.ones(self.num_features, self.dtype)
             self.num_batches_tracked = 0
+        if self.renorm:     # Keras' initial values: stds sqrt(running_var) = 1, mean 0
+            self._running_std = np.ones(self.num_features, self.dtype)
+            self._renorm_mean = np.zeros(self.num_features, self.dtype)
+            self._renorm_std = np.ones(self.num_features, self.dtype)
 
     def set_running_stats(self, stats: Any, n_batches: Optional[int] = None) -> None:
         """Set the running statistics to exact statistics of a whole data set ("precise BN").
@@ -244,6 +284,9 @@ class BatchNorm:
         mean = self._checked_vector(st.mean, "running_mean")
         var = self._checked_vector(var, "running_var")
         self._running_mean, self._running_var = mean, var
+        if self.renorm:
+            self._running_std = self._checked_vector(
+                np.sqrt(var.astype(np.float64) + self.eps), "running_std")
         if n_batches is not None:
             self.num_batches_tracked = n_batches
 
@@ -257,7 +300,7 @@ class BatchNorm:
     def state_dict(self) -> dict:
         """Copies of the parameters and running statistics, by name."""
         d = {}
-        for key in _STATE_KEYS:
+        for key in _STATE_KEYS + (_RENORM_KEYS if self.renorm else ()):
             value = getattr(self, key)
             if value is not None:
                 d[key] = value.copy() if isinstance(value, np.ndarray) else value
@@ -291,10 +334,14 @@ class BatchNorm:
         return d
 
     def __repr__(self) -> str:
+        shown = (("virtual_batch_size",) if self.virtual_batch_size else ()) + (
+            ("renorm", "renorm_clipping", "renorm_momentum") if self.renorm else ())
+        variants = "".join(f", {k}={getattr(self, k)!r}" for k in shown)
         return (
             f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name})"
+            f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}"
+            f"{variants})"
         )
 
     # --- mode ---------------------------------------------------------------------------
@@ -317,21 +364,25 @@ class BatchNorm:
         dtype); the route in ``_kernels`` checks ``x`` and ``out`` once.
         """
         # backward reads x again: keep a reference (a copy would cost more than the call on
-        # large inputs) and a sample of its values, which backward checks (_check_unchanged)
+        # large inputs) and a sample of its values, which backward checks (_check_input)
         x = _validation.as_array(x, "x")
         saved = None if out is not None and np.may_share_memory(out, x) else x
         sample = _sample(x) if saved is not None else None
-        if self.training or not self.track_running_stats:
-            y, st, grad = self._normalize_batch(x, out)
-            if self.training and self.track_running_stats:
-                self._update_running_stats(st)
-        else:
+        if not self.training and self.track_running_stats:
             y = _kernels.forward_eval(
                 x, self._running_mean, self._running_var, self._gamma, self._beta, self.axis,
                 self.eps, out, self.check_finite, self.num_features,
             )
-            st, grad = (self._running_mean, self._running_var), self._frozen_gradient
-        self._saved = (saved, sample, st, self._gamma, grad)
+            steps = [(_ALL, (self._running_mean, self._running_var), self._gamma,
+                      self._frozen_gradient, None)]
+        elif self.training and (self.virtual_batch_size or self.renorm):
+            y, steps = self._train_in_steps(x, out)
+        else:   # the plain training step, or eval mode without running statistics
+            y, st, grad = self._normalize_batch(x, out)
+            if self.training and self.track_running_stats:
+                self._commit(self._running_update(self._running_state(), st), stacklevel=3)
+            steps = [(_ALL, st, self._gamma, grad, None)]
+        self._saved = (saved, sample, steps)
         return y
 
     forward = __call__
@@ -357,36 +408,215 @@ class BatchNorm:
         return _kernels.backward(dy, _check_input(x, sample), st, gamma, self.axis, self.eps,
                                  False, out, self.check_finite)
 
-    def _update_running_stats(self, st: Stats) -> None:
-        n = self.num_batches_tracked + 1
+    # --- ghost batches and batch renormalization ------------------------------------------
+
+    def _groups(self, x: np.ndarray) -> list:
+        """The slices of x's first axis that are normalized one after the other."""
+        k, n = self.virtual_batch_size, x.shape[0] if x.ndim else 0
+        if k is None or n == 0:
+            return [_ALL]
+        if _validation.channel_axis(self.axis, max(x.ndim, 1)) == 0:
+            raise ValueError("virtual_batch_size splits the first axis, which is this layer's "
+                             "channel axis (axis=0)")
+        if n % k == 1:
+            raise ValueError(f"virtual_batch_size={k} splits a batch of {n} rows into groups "
+                             f"whose last holds one row, which has no batch statistics")
+        return [slice(i, min(i + k, n)) for i in range(0, n, k)]
+
+    def _train_in_steps(self, x: np.ndarray, out: Optional[np.ndarray]) -> tuple:
+        """Training on each group of rows in turn (one group without virtual batches), the
+        running statistics carried from group to group and stored only when all succeeded."""
+        groups = self._groups(x)
+        if out is not None and len(groups) > 1:
+            _validation.output(out, x)
+        state = self._running_state()
+        y, steps = out, []
+        for rows in groups:
+            xg = x[rows]
+            yg, st, gamma, grad, rd = self._train_step(xg, None if y is None else y[rows], state)
+            if y is None:
+                y = yg if len(groups) == 1 else np.empty_like(x, dtype=yg.dtype)
+                if len(groups) > 1:
+                    y[rows] = yg
+            if state is not None:
+                state = self._running_update(state, st, rd is not None)
+            steps.append((rows, st, gamma, grad, rd))
+        self._commit(state, stacklevel=4)
+        return y, steps
+
+    def _train_step(self, x: np.ndarray, out: Optional[np.ndarray],
+                    state: Optional[dict]) -> tuple:
+        """(y, statistics, the gamma the kernels used, gradient, (r, d) or None), with the
+        running statistics ``state`` as the previous groups left them."""
+        if not self.renorm:
+            y, st, grad = self._normalize_batch(x, out)
+            return y, st, self._gamma, grad, None
+        st = _kernels.batch_stats(x, self.axis, self.check_finite, self.num_features)
+        if st.count < 2:
+            raise ValueError(f"training needs more than one value per channel, got "
+                             f"{st.count} (a batch of one example without spatial axes?)")
+        r, d = self._renorm_correction(st, state)
+        g = 1.0 if self._gamma is None else self._gamma.astype(np.float64)
+        b = 0.0 if self._beta is None else self._beta.astype(np.float64)
+        # (xhat * r + d) * gamma + beta = xhat * (r * gamma) + (d * gamma + beta): one pass
+        gamma = r * g
+        y = _kernels.forward_eval(x, st.mean, st.var, gamma, d * g + b, self.axis, self.eps,
+                                  out, False, self.num_features)
+        return y, st, gamma, self._batch_gradient, (r, d)
+
+    def _renorm_correction(self, st: Stats, state: dict) -> tuple:
+        """r and d of this batch, from the renorm statistics before its update (Keras 3)."""
+        with np.errstate(all="ignore"):  # non-finite statistics give non-finite r, d (as y)
+            floor = np.maximum(state["renorm_std"].astype(np.float64), math.sqrt(self.eps))
+            r = np.sqrt(st.var + self.eps) / floor
+            d = (st.mean - state["renorm_mean"].astype(np.float64)) / floor
+        clip = self.renorm_clipping
+        if "rmin" in clip:
+            r = np.maximum(r, clip["rmin"])
+        if "rmax" in clip:
+            r = np.minimum(r, clip["rmax"])
+        if "dmax" in clip:
+            d = np.clip(d, -clip["dmax"], clip["dmax"])
+        return r, d
+
+    # --- running statistics -------------------------------------------------------------
+
+    def _running_state(self) -> Optional[dict]:
+        if not self.track_running_stats:
+            return None
+        return {k: getattr(self, k) for k in ("running_mean", "running_var",
+                                              "num_batches_tracked")
+                + (_RENORM_KEYS if self.renorm else ())}
+
+    def _running_update(self, state: Optional[dict], st: Stats,
+                        renorm: bool = False) -> Optional[dict]:
+        """The running statistics after a batch with statistics st; None (warned about
+        when committed) if they are not finite. ``renorm``: batch renormalization's update
+        (standard deviations averaged, as Keras 3 does), whose r and d this batch used.
+        A batch whose statistics are not finite leaves them as they are, flagged."""
+        if state is None:
+            return None
+        n = state["num_batches_tracked"] + 1
         m = 1.0 / n if self.momentum is None else self.momentum
-        new = _kernels.running_update(
-            self._running_mean, self._running_var, st.mean, st.var, st.count, m,
-            self.unbiased_running_var,
-        )
-        if new is None:
+        if not renorm:
+            new = _kernels.running_update(state["running_mean"], state["running_var"], st.mean,
+                                          st.var, st.count, m, self.unbiased_running_var)
+            if new is None:
+                return {**state, "not_finite": True}
+            return {**state, "running_mean": new[0], "running_var": new[1],
+                    "num_batches_tracked": n}
+        with np.errstate(all="ignore"):
+            var = st.var * (st.count / (st.count - 1)) if self.unbiased_running_var else st.var
+            std_running, std_batch = np.sqrt(var + self.eps), np.sqrt(st.var + self.eps)
+        moving = _kernels.running_update(state["running_mean"], state["running_std"], st.mean,
+                                         std_running, st.count, m, False)
+        tracked = _kernels.running_update(state["renorm_mean"], state["renorm_std"], st.mean,
+                                          std_batch, st.count, self.renorm_momentum, False)
+        if moving is None or tracked is None:
+            return {**state, "not_finite": True}
+        running_var = np.maximum(moving[1].astype(np.float64) ** 2 - self.eps, 0.0)
+        return {**state, "running_mean": moving[0], "running_std": moving[1],
+                "running_var": running_var.astype(self.dtype), "renorm_mean": tracked[0],
+                "renorm_std": tracked[1], "num_batches_tracked": n}
+
+    def _commit(self, state: Optional[dict], stacklevel: int) -> None:
+        """Store the running statistics of a call that succeeded."""
+        if state is None:
+            return
+        if state.pop("not_finite", False):
             warnings.warn(
                 f"batch statistics are not finite (NaN or inf in the input, or beyond the "
-                f"range of {self.dtype.name}): the running statistics were not updated",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return
-        self._running_mean, self._running_var = new
-        self.num_batches_tracked = n
+                f"range of {self.dtype.name}): the running statistics were not updated"
+                f"{' from those groups' if self.virtual_batch_size else ''}",
+                RuntimeWarning, stacklevel=stacklevel)
+        for key, value in state.items():
+            setattr(self, key if key == "num_batches_tracked" else "_" + key, value)
 
     def backward(self, dy: Any, *, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Gradient with respect to the input of the last forward call.
 
         Sets ``grad_gamma`` and ``grad_beta`` (when affine). After a training-mode forward the
         gradient flows through the batch statistics; after an eval-mode forward they are
-        constants.
+        constants. With ghost batches each group's gradient is that of its own statistics
+        (gamma's and beta's are summed over the groups); with renorm, r and d are constants.
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
-        x, sample, st, gamma, gradient = self._saved
-        dx, dgamma, dbeta = gradient(dy, x, sample, st, gamma, out)
+        x, sample, steps = self._saved
+        if len(steps) == 1:
+            _, st, gamma, gradient, rd = steps[0]
+            dx, dgamma, dbeta = gradient(dy, x, sample, st, gamma, out)
+            dgamma = _renorm_dgamma(dgamma, dbeta, rd)
+        else:
+            x = _check_input(x, sample)
+            dy = _validation.as_array(dy, "dy")
+            if dy.shape != x.shape:
+                raise ValueError(f"dy must have the shape of x, {x.shape}, got {dy.shape}")
+            if out is not None:
+                _validation.output(out, x)
+            dx, dgamma, dbeta = out, 0.0, 0.0
+            for rows, st, gamma, gradient, rd in steps:
+                xg = x[rows]
+                dxg, dg, db = gradient(dy[rows], xg, _sample(xg), st, gamma,
+                                       None if dx is None else dx[rows])
+                if dx is None:
+                    dx = np.empty_like(x, dtype=dxg.dtype)
+                    dx[rows] = dxg
+                dgamma, dbeta = dgamma + _renorm_dgamma(dg, db, rd), dbeta + db
         if self.affine:
-            self.grad_gamma = dgamma.astype(self.dtype, copy=False)
-            self.grad_beta = dbeta.astype(self.dtype, copy=False)
+            self.grad_gamma = np.asarray(dgamma).astype(self.dtype, copy=False)
+            self.grad_beta = np.asarray(dbeta).astype(self.dtype, copy=False)
         return dx
+
+
+# The whole batch, as the one "group" of a call without virtual batches.
+_ALL = slice(None)
+
+
+def _renorm_dgamma(dgamma: np.ndarray, dbeta: np.ndarray, rd: Optional[tuple]) -> np.ndarray:
+    """gamma's gradient: sum(dy * xhat) from the kernels, or with renorm (the kernels saw
+    r * gamma) sum(dy * (xhat * r + d))."""
+    if rd is None:
+        return dgamma
+    r, d = rd
+    return r * dgamma + d * dbeta
+
+
+def _momentum(value: Any, name: str) -> float:
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {v}")
+    return v
+
+
+def _renorm_clipping(clipping: Any, renorm: bool) -> dict:
+    """renorm_clipping checked: keys rmax (>= 1), rmin (in [0, 1]), dmax (>= 0), all
+    optional; given only with renorm=True."""
+    if clipping is None:
+        return {}
+    if not renorm:
+        raise ValueError("renorm_clipping is given but renorm=False")
+    if not isinstance(clipping, dict):
+        raise TypeError(f"renorm_clipping must be a dict with keys among {_CLIPPING_KEYS}, "
+                        f"got {type(clipping).__name__}")
+    unknown = set(clipping) - set(_CLIPPING_KEYS)
+    if unknown:
+        raise ValueError(f"renorm_clipping has unknown keys {sorted(unknown)}; expected "
+                         f"some of {_CLIPPING_KEYS}")
+    clip = {}
+    for key, value in clipping.items():
+        if value is None:       # Keras' way of saying "no limit"
+            continue
+        if isinstance(value, (bool, np.bool_, str, bytes)):
+            raise TypeError(f"renorm_clipping[{key!r}] must be a number, got {value!r}")
+        clip[key] = float(value)
+    limits = {"rmax": (1.0, math.inf, ">= 1"), "rmin": (0.0, 1.0, "in [0, 1]"),
+              "dmax": (0.0, math.inf, ">= 0")}
+    for key, v in clip.items():
+        low, high, what = limits[key]
+        if not low <= v <= high:    # (NaN fails too)
+            raise ValueError(f"renorm_clipping[{key!r}] must be {what} (r = 1, d = 0 must "
+                             f"stay allowed), got {v}")
+    return clip

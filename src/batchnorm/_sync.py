@@ -86,6 +86,10 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features: int, comm: Any, **kwargs: Any) -> None:
+        for variant in ("virtual_batch_size", "renorm", "renorm_clipping"):
+            if kwargs.get(variant):
+                raise NotImplementedError(f"SyncBatchNorm does not take {variant} (yet): "
+                                          f"its statistics are those of all ranks' batches")
         super().__init__(num_features, **kwargs)
         self._size, self._rank = _communicator(comm)
         self.comm = comm

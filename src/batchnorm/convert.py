@@ -111,8 +111,15 @@ def _validation_layer(layer: Any) -> None:
 
 
 def _refuse(layer: BatchNorm, target: str, *, cumulative: bool = True, untracked: bool = True,
-            unbiased: bool = True) -> None:
-    """A ValueError for settings ``target`` cannot express (the checks that are True)."""
+            unbiased: bool = True, renorm: bool = True) -> None:
+    """A ValueError for settings ``target`` cannot express (the checks that are True; no
+    target has ghost batches)."""
+    if layer.virtual_batch_size:
+        raise ValueError(f"{target} has no ghost batches (virtual_batch_size="
+                         f"{layer.virtual_batch_size}); inference is the same: set "
+                         f"layer.virtual_batch_size = None to convert")
+    if renorm and layer.renorm:
+        raise ValueError(f"{target} has no batch renormalization (renorm=True)")
     if untracked and not layer.track_running_stats:
         raise ValueError(f"{target} always normalizes with running statistics at inference; "
                          f"this layer has track_running_stats=False")
@@ -246,7 +253,8 @@ def to_torch(layer: BatchNorm) -> tuple:
 # --- Keras 3 --------------------------------------------------------------------------------
 
 _KERAS = {"gamma": "gamma", "beta": "beta", "running_mean": "moving_mean",
-          "running_var": "moving_variance"}
+          "running_var": "moving_variance", "running_std": "moving_stddev",
+          "renorm_mean": "renorm_mean", "renorm_std": "renorm_stddev"}
 _KERAS_DEFAULTS = dict(axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True)
 
 
@@ -269,10 +277,11 @@ def from_keras(layer_or_weights: Any, config: Optional[Mapping] = None) -> Batch
     ----------
     layer_or_weights : keras.layers.BatchNormalization (built), or its weights
         Weights in Keras' order, as ``get_weights()`` returns them: gamma (if ``scale``),
-        beta (if ``center``), moving_mean, moving_variance.
+        beta (if ``center``), moving_mean, moving_variance, and with ``renorm``
+        moving_stddev, renorm_mean, renorm_stddev.
     config : dict, optional
-        ``layer.get_config()`` (for weights: Keras' defaults when None). Renorm is not
-        supported and is refused.
+        ``layer.get_config()`` (for weights: Keras' defaults when None). ``renorm``,
+        ``renorm_clipping`` and ``renorm_momentum`` (a decay) carry over.
 
     The layer gets ``momentum = 1 - config["momentum"]``, ``eps = epsilon``, the same axis and
     the biased running variance. With only one of ``center``/``scale`` the other parameter
@@ -302,28 +311,33 @@ def from_keras(layer_or_weights: Any, config: Optional[Mapping] = None) -> Batch
         raise TypeError(f"from_keras takes a keras BatchNormalization layer or a list of "
                         f"its weights, got {type(layer_or_weights).__name__}")
     cfg = {**_KERAS_DEFAULTS, **(config or {})}
-    if cfg.get("renorm"):
-        raise ValueError("from_keras: batch renormalization (renorm=True) is not supported")
+    renorm = bool(cfg.get("renorm", False))
     if not isinstance(cfg["axis"], (int, np.integer)):
         raise ValueError(f"from_keras: axis must be one integer, got {cfg['axis']!r}")
     order = [k for k, on in (("gamma", cfg["scale"]), ("beta", cfg["center"])) if on]
     order += ["running_mean", "running_var"]
+    order += ["running_std", "renorm_mean", "renorm_std"] if renorm else []
     if len(weights) != len(order):
         raise ValueError(f"from_keras: expected {len(order)} weights "
                          f"({', '.join(_KERAS[k] for k in order)}), got {len(weights)}")
     vectors = {k: _array(w) for k, w in zip(order, weights)}
     affine = _affine(vectors, cfg["scale"], cfg["center"])
+    variant = {} if not renorm else dict(
+        renorm=True, renorm_clipping=cfg.get("renorm_clipping"),
+        renorm_momentum=decay_to_momentum(cfg.get("renorm_momentum", 0.99), "renorm_momentum"))
     return _build("from_keras", _KERAS, vectors, axis=int(cfg["axis"]),
                   eps=cfg["epsilon"], momentum=decay_to_momentum(cfg["momentum"]),
-                  affine=affine, track_running_stats=True, unbiased_running_var=False)
+                  affine=affine, track_running_stats=True, unbiased_running_var=False,
+                  **variant)
 
 
 def to_keras(layer: BatchNorm) -> tuple:
     """(weights, config) for ``keras.layers.BatchNormalization.from_config(config)``.
 
-    ``weights`` are in Keras' order (gamma, beta, moving_mean, moving_variance; no gamma and
-    beta when the layer is not affine), for ``set_weights`` once the Keras layer is built.
-    ``config`` has axis, momentum (Keras' decay), epsilon, center, scale and dtype.
+    ``weights`` are in Keras' order (gamma, beta, moving_mean, moving_variance, and with
+    renorm moving_stddev, renorm_mean, renorm_stddev; no gamma and beta when the layer is not
+    affine), for ``set_weights`` once the Keras layer is built. ``config`` has axis,
+    momentum (Keras' decay), epsilon, center, scale, dtype and the renorm settings.
 
     Examples
     --------
@@ -334,12 +348,15 @@ def to_keras(layer: BatchNorm) -> tuple:
     (4, 0.99, -1)
     """
     vectors = _vectors(layer)
-    _refuse(layer, "Keras")
-    weights = [vectors[k] for k in ("gamma", "beta", "running_mean", "running_var")
-               if k in vectors]
+    _refuse(layer, "Keras", renorm=False)
+    weights = [vectors[k] for k in _KERAS if k in vectors]    # (in Keras' order)
     config = dict(axis=layer.axis, momentum=decay_to_momentum(layer.momentum),
                   epsilon=layer.eps, center=layer.affine, scale=layer.affine,
                   dtype=layer.dtype.name)
+    if layer.renorm:
+        config.update(renorm=True, renorm_clipping=dict(layer.renorm_clipping),
+                      renorm_momentum=decay_to_momentum(layer.renorm_momentum,
+                                                        "renorm_momentum"))
     return weights, config
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from ._stats import Stats
 
-__all__ = ["batch_stats", "forward_train", "forward_eval", "backward"]
+__all__ = ["batch_stats", "forward_train", "forward_eval", "backward", "renorm_forward_train"]
 
 
 def _reduce_axes(ndim: int, axis: int) -> tuple:
@@ -85,3 +85,24 @@ def backward(dy, x, st, gamma=None, *, axis: int = 1, eps: float = 1e-5, trainin
     else:
         dx = dy * g * inv
     return dx, dgamma, dbeta
+
+
+def renorm_forward_train(x, gamma, beta, renorm_mean, renorm_std, *, axis: int = 1,
+                         eps: float = 1e-5, rmax=None, rmin=None, dmax=None):
+    """Batch renormalization in training (Ioffe 2017, Keras 3): (y, Stats, r, d).
+
+    ``y = (xhat * r + d) * gamma + beta`` with ``r = std / s`` and ``d = (mean - renorm_mean)
+    / s``, the batch's ``std = sqrt(var + eps)``, ``s = max(renorm_std, sqrt(eps))``, then
+    clipped to [rmin, rmax] and [-dmax, dmax]."""
+    st = batch_stats(x, axis)
+    s = np.maximum(np.asarray(renorm_std, dtype=np.float64), np.sqrt(eps))
+    r = np.sqrt(st.var + eps) / s
+    d = (st.mean - np.asarray(renorm_mean, dtype=np.float64)) / s
+    r = np.clip(r, -np.inf if rmin is None else rmin, np.inf if rmax is None else rmax)
+    d = d if dmax is None else np.clip(d, -dmax, dmax)
+    xhat = forward_eval(x, st.mean, st.var, axis=axis, eps=eps)
+    nd = xhat.ndim
+    y = (_per_channel(gamma, nd, axis, 1.0) * (xhat * _per_channel(r, nd, axis, 1.0)
+                                               + _per_channel(d, nd, axis, 0.0))
+         + _per_channel(beta, nd, axis, 0.0))
+    return y, st, r, d
