@@ -63,6 +63,7 @@ def test_unknown_command_fails():
 
 import numpy as np  # noqa: E402
 
+import batchnorm as bn  # noqa: E402
 from batchnorm import _explain  # noqa: E402
 
 BATCH = np.array([[4, 5, 2, 1], [3, 4, 6, 0], [1, 4, 7, 9]], dtype=np.float64)
@@ -233,3 +234,32 @@ def test_processes_topic_prints_the_numbers(capsys):
     assert "mean of the means     (3, 4.5, 4.25, 2.75)" in text
     assert "merged                mean (2.67, 4.33, 5, 3.33)  var (1.56, 0.222, 4.67, 16.2)" in text
     assert "mpiexec -n 2 python -m batchnorm explain --processes" in text
+
+
+# --- variants -------------------------------------------------------------------------------
+
+
+def test_variant_numbers_are_the_layers():
+    from batchnorm._explain import variant_numbers
+
+    v = variant_numbers()
+    x = v["x"]
+    # ghost batches: each pair of rows normalized with its own statistics
+    for i, rows in enumerate((slice(0, 2), slice(2, 4))):
+        y, st = bn.forward_train(x[rows], eps=0.0)
+        assert np.array_equal(v["y_ghost"][rows], y)
+        np.testing.assert_allclose(v["groups"][i].var, st.var)
+    assert v["tracked"] == 2 and not np.allclose(v["y_ghost"], v["y_whole"])
+    # renorm: within its limits, and y = (xhat * r + d) for gamma 1, beta 0
+    assert v["r"].max() <= 1.5 and np.abs(v["d"]).max() <= 1.0
+    np.testing.assert_allclose(v["y_renorm"], v["y_plain"] * v["r"] + v["d"], rtol=1e-14)
+
+
+def test_variants_topic_prints_the_numbers(capsys):
+    from batchnorm._explain import main
+
+    assert main(["--topic", "variants"]) == 0
+    text = capsys.readouterr().out
+    assert "rows 1-2: mean (3.5, 4.5, 4, 0.5)  var (0.25, 0.25, 4, 0.25)" in text
+    assert "num_batches_tracked after one call: 2" in text
+    assert "d = (mean - renorm_mean) / renorm_std, in [-1, 1]: (1, 1, 1, 1)" in text

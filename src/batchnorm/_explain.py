@@ -15,6 +15,9 @@ Topics (``--topic``, all by default):
 * ``layers``: deeper layers of other widths have statistics of their own width.
 * ``params``: the 4C numbers a BN layer stores (2C trainable).
 * ``bias``: a bias just before BN changes nothing and gets no gradient.
+* ``processes``: the statistics of a batch split over processes, merged right and wrong.
+* ``variants``: ghost batches (each group of rows its own statistics) and batch
+  renormalization (r and d, from the running statistics, correct the batch's).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ CONVENTIONS = [
      "running = average of all batches so far, biased variance"),
 ]
 
-TOPICS = ("walkthrough", "layers", "params", "bias", "processes")
+TOPICS = ("walkthrough", "layers", "params", "bias", "processes", "variants")
 
 MAX_ROWS = 6  # rows of a batch printed before "..."
 MAX_VALUES = 8  # entries of a vector printed before "..."
@@ -420,6 +423,57 @@ def explain_processes(out: Out = print) -> dict:
     return r
 
 
+def variant_numbers() -> dict:
+    """Ghost batches and batch renormalization on the default batch plus the example row
+    (4 rows), eps 0: the numbers of ``--topic variants`` and of the guide's variants page."""
+    x = np.vstack([parse_matrix(DEFAULT_BATCH), parse_matrix(DEFAULT_EXAMPLE)])
+    ghost = BatchNorm(4, eps=0.0, dtype=np.float64, virtual_batch_size=2)
+    y_ghost = ghost(x)
+    whole, _ = forward_train(x, eps=0.0)
+    groups = [batch_stats(x[:2]), batch_stats(x[2:])]
+    renorm = BatchNorm(4, eps=0.0, dtype=np.float64, renorm=True, renorm_momentum=0.5,
+                       renorm_clipping={"rmax": 1.5, "dmax": 1.0})
+    first, second = x[[1, 3]], x[[0, 2]]
+    renorm(first)                       # the first batch moves the renorm statistics
+    before = (renorm.renorm_mean.copy(), renorm.renorm_std.copy())
+    r, d = renorm._renorm_correction(batch_stats(second),
+                                     {"renorm_mean": before[0], "renorm_std": before[1]})
+    y_renorm = renorm(second)
+    y_plain, _ = forward_train(second, eps=0.0)
+    return dict(x=x, groups=groups, y_ghost=y_ghost, y_whole=whole,
+                tracked=ghost.num_batches_tracked, renorm_mean=before[0],
+                renorm_std=before[1], r=r, d=d, y_renorm=y_renorm, y_plain=y_plain)
+
+
+def explain_variants(out: Out = print) -> dict:
+    v = variant_numbers()
+    out("VARIANTS: GHOST BATCHES AND BATCH RENORMALIZATION")
+    out(f"The default mini-batch plus the example row, {v['x'].shape}, eps = 0.")
+    out("Ghost batch norm, BatchNorm(4, virtual_batch_size=2): each group of 2 rows is "
+        "normalized")
+    out("with its own statistics, exactly as two training calls would be:")
+    for i, st in enumerate(v["groups"]):
+        out(f"  rows {2 * i + 1}-{2 * i + 2}: mean {fmt(st.mean, 3)}  var {fmt(st.var, 3)}")
+    out(f"  row 1 normalized in its group {fmt(v['y_ghost'][0], 3)}, in the whole batch "
+        f"{fmt(v['y_whole'][0], 3)}")
+    out(f"  num_batches_tracked after one call: {v['tracked']} (one update per group)")
+    out("Batch renormalization, BatchNorm(4, renorm=True, renorm_clipping={'rmax': 1.5, "
+        "'dmax': 1}):")
+    out("after a first batch (rows 2 and 4) the renorm statistics are")
+    out(f"  renorm_mean {fmt(v['renorm_mean'], 3)}  renorm_std {fmt(v['renorm_std'], 3)}")
+    out("and the next batch (rows 1 and 3) is corrected towards them: y = (xhat * r + d) * "
+        "gamma + beta,")
+    out(f"  r = std / renorm_std, at most 1.5:               {fmt(v['r'], 3)}")
+    out(f"  d = (mean - renorm_mean) / renorm_std, in [-1, 1]: {fmt(v['d'], 3)}")
+    out(f"  row 1: plain BN {fmt(v['y_plain'][0], 3)}, renorm {fmt(v['y_renorm'][0], 3)}")
+    out("(this early the renorm statistics are far from the batch's: r and d sit at their "
+        "limits,")
+    out("which is why training starts with loose limits and widens them.)")
+    out("r and d are constants for the gradient; inference uses running_mean and running_var")
+    out("as always (running_var = running_std^2 - eps, from the averaged standard deviation).")
+    return v
+
+
 def explain_on_processes(args: argparse.Namespace, out: Out = print) -> int:
     """SyncBatchNorm on the processes of COMM_WORLD: each takes some rows of the data; rank
     0 prints what each holds and the result, checked against one process."""
@@ -478,6 +532,8 @@ def run(args: argparse.Namespace, out: Out = print) -> int:
             explain_bias(out)
         elif t == "processes":
             explain_processes(out)
+        elif t == "variants":
+            explain_variants(out)
     return 0
 
 
