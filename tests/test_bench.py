@@ -480,6 +480,11 @@ def test_asv_user_suite_runs_once(monkeypatch, threads):
         assert len(names) == 3
         for name in names:
             getattr(bench, name)("4x4")
+    for variant in ("renorm", "ghost"):
+        bench = suite.UserLayerVariants()
+        bench.setup("4x4", variant)
+        bench.time_layer_train("4x4", variant)
+        bench.time_layer_backward("4x4", variant)
     overhead = suite.CallOverhead()
     overhead.setup()
     for name in ("time_forward_eval", "time_forward_eval_out", "time_multiply"):

@@ -23,6 +23,9 @@ regression set (benchmarks/README.md): a ratio measured this way moves by a few 
 between runs, where the absolute times above move with the machine's load (and two threads
 with the host's).
 
+UserLayerVariants.time_*: the training call and backward of a layer with ``renorm=True`` or
+``virtual_batch_size=N/4``.
+
 CallOverhead: ``bn.forward_eval`` on a (4, 4) float32 array, float32 vectors, allocating (the
 user's call) and with ``out=``, next to ``np.multiply(x, 2.0, out=y)`` on the same array, the
 cheapest NumPy call that reads x and writes y. track_ratio_*: the ratio of the two,
@@ -97,6 +100,31 @@ class UserLayer:
 
     def time_layer_backward(self, shape):
         self.train_layer.backward(self.dy)
+
+
+class UserLayerVariants:
+    """The layer's training call and backward with batch renormalization, and with ghost
+    batches of N/4 rows (at least 2): per group, one training call's work and overhead."""
+
+    params = [USER_SHAPES, ["renorm", "ghost"]]
+    param_names = ["shape", "variant"]
+    timeout = 120
+
+    def setup(self, shape, variant):
+        bn.set_num_threads(None)
+        self.x, self.dy, axis, gamma, beta, _, _ = user_inputs(shape)
+        kwargs = ({"renorm": True, "renorm_clipping": {"rmax": 3.0, "dmax": 5.0}}
+                  if variant == "renorm" else
+                  {"virtual_batch_size": max(2, self.x.shape[0] // 4)})
+        self.layer = bn.BatchNorm(self.x.shape[axis], **kwargs)
+        self.layer.gamma, self.layer.beta = gamma, beta
+        self.layer(self.x)
+
+    def time_layer_train(self, shape, variant):
+        self.layer(self.x)
+
+    def time_layer_backward(self, shape, variant):
+        self.layer.backward(self.dy)
 
 
 CALLS = ["forward_train", "forward_eval", "backward", "layer_train", "layer_eval",
