@@ -329,6 +329,31 @@ def test_differences_beyond_the_compute_range_stay_finite(isa, name):
     assert np.isfinite(dx.astype(np.float64)).all()
 
 
+@pytest.mark.parametrize("name", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_given_statistics_with_differences_beyond_the_compute_range(isa, threads, name,
+                                                                    layout):
+    """forward_eval with a mean near the top of the range and x near the top of the other
+    sign: x - mean overflows the compute type, the answer (x - mean) / 2 does not. Such a
+    channel takes the exact path; the others (here channel 1) keep the fast one."""
+    dt = _storage(name)
+    top = 1.7e308 if name == "float64" else 3e38
+    col = np.array([top, -top, 0.5 * top, -0.25 * top])
+    x = np.stack([col, np.linspace(-1, 1, 4)], axis=1)          # (4, 2)
+    if layout == "nchw":
+        x = x.reshape(4, 2, 1, 1)
+    axis = 1
+    x = x.astype(dt)
+    mean, var = np.array([-top, 0.25]), np.array([4.0, 2.0])
+    # (x - mean) / sqrt(var) as (x/2 - mean/2) / sqrt(var/4): the float64 oracle stays in range
+    want = ref.forward_eval(x.astype(np.float64) / 2, mean / 2, var / 4, eps=0.0, axis=axis)
+    for nthreads in (1, 2):
+        bn.set_num_threads(nthreads)
+        y = bn.forward_eval(x, mean, var, eps=0.0, axis=axis)
+        assert np.isfinite(y.astype(np.float64)).all(), y
+        assert _rel_err(y, want) < (2.0 ** -7 if name == "bfloat16" else 1e-6)
+
+
 def test_forward_eval_with_a_subnormal_float32_scale(isa):
     """gamma / sqrt(var + eps) = 1e-40 is subnormal in float32 (2 digits): the exact path
     gives the output to the last bit of float32."""

@@ -28,7 +28,8 @@ static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t CS, double
             double c_total = c + b * ((double)coef[k] - mean[k]);
             coef[2 * CS + k] = (BN_CT)b;
             coef[3 * CS + k] = (BN_CT)c_total;
-            lossy |= FN(lossy)(b) | FN(lossy)(c_total) | FN(lossy_spread)(n, var[k]);
+            lossy |= FN(lossy)(b) | FN(lossy)(c_total) |
+                     FN(lossy_spread)(n, var[k], (double)coef[k]);
         }
         coef[CS + k] = lossy ? (BN_CT)NAN : (BN_CT)a; /* NaN: the marker FN(wide) counts */
         wide += FN(wide)(coef, coef + CS, training ? coef + 2 * CS : NULL,

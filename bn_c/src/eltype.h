@@ -22,6 +22,7 @@
 #undef BN_CT
 #undef BN_CT_MAX
 #undef BN_CT_MIN
+#undef BN_CT_HALF_ULP_MAX
 #undef BN_LD
 #undef BN_ST
 #undef BN_SFMA
@@ -52,11 +53,13 @@
 #define BN_CT double
 #define BN_CT_MAX DBL_MAX /* the compute type's largest and smallest normal magnitudes */
 #define BN_CT_MIN DBL_MIN
+#define BN_CT_HALF_ULP_MAX 0x1p970 /* half the spacing of numbers at BN_CT_MAX */
 #define BN_SFMA fma
 #else
 #define BN_CT float
 #define BN_CT_MAX FLT_MAX
 #define BN_CT_MIN FLT_MIN
+#define BN_CT_HALF_ULP_MAX 0x1p103
 #define BN_SFMA fmaf
 #endif
 

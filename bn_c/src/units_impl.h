@@ -89,16 +89,20 @@ static inline int FN(lossy)(double v)
     return (!(m <= (double)BN_CT_MAX)) | ((m != 0.0) & (m < (double)BN_CT_MIN));
 }
 
-/* With the batch's own statistics (n values per channel, n > 0), |x - mean| is at most
- * sqrt(n * var): a channel where that bound passes half the compute type's range could
- * compute x - m as inf, and one where it is subnormal there loses digits in x - m. With
- * given statistics (n == 0) no bound is known. Compared squared: no square root. */
-static inline int FN(lossy_spread)(double n, double var)
+/* Whether x - m can be inf or lose digits in the compute type. With the batch's own
+ * statistics (n values per channel, n > 0), |x - mean| is at most sqrt(n * var): a channel
+ * where that bound passes half the compute type's range could compute x - m as inf, and one
+ * where it is subnormal there loses digits in x - m (compared squared: no square root).
+ * With given statistics (n == 0) x is bounded only by its type, |x| <= BN_CT_MAX: x - m
+ * rounds to at most BN_CT_MAX while |m| is below half the spacing of numbers there, and may
+ * overflow from that |m| on (float32 data near 3e38 and a mean of the other sign). */
+static inline int FN(lossy_spread)(double n, double var, double m)
 {
     const double top = 0.25 * (double)BN_CT_MAX * (double)BN_CT_MAX; /* inf for double */
     const double bottom = (double)BN_CT_MIN * (double)BN_CT_MIN;     /* 0 for double */
     double s2 = n * var;
-    return (n > 0.0) & ((s2 > top) | ((s2 != 0.0) & (s2 < bottom)));
+    return ((n > 0.0) & ((s2 > top) | ((s2 != 0.0) & (s2 < bottom)))) |
+           ((n == 0.0) & (fabs(m) >= BN_CT_HALF_ULP_MAX));
 }
 
 /* The per-call context of the elementwise passes (see bn_call); the training backward adds
@@ -119,9 +123,10 @@ static inline bn_call FN(call_of)(bn_shape s, const double *mean, const double *
  * [c0, c0 + cc). m is the mean rounded to the compute type; the rounding is folded into b (in double),
  * so x - m is exact for x near the mean and the output keeps full precision even when the
  * mean is large next to the spread. */
-static inline int FN(affine_lossy)(double n, double var, double scale, double shift)
+static inline int FN(affine_lossy)(double n, double var, double m, double scale,
+                                    double shift)
 {
-    return FN(lossy)(scale) | FN(lossy)(shift) | FN(lossy_spread)(n, var);
+    return FN(lossy)(scale) | FN(lossy)(shift) | FN(lossy_spread)(n, var, m);
 }
 
 static inline int FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const double *mean,
@@ -138,14 +143,15 @@ static inline int FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const doub
         a[c] = (BN_CT)scale;
         b[c] = (BN_CT)shift;
         wide += FN(wide)(m, a, b, NULL, c);
-        lossy |= FN(affine_lossy)(n, var[c], scale, shift);
+        lossy |= FN(affine_lossy)(n, var[c], (double)m[c], scale, shift);
     }
     /* rare: mark the lossy channels with what FN(wide) counts (the exact path reads no
      * coefficient); kept out of the loop above, which stays vectorised */
     for (c = c0; lossy && c < c0 + cc; ++c) {
         double scale = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps);
         double shift = (beta ? beta[c] : 0.0) + ((double)m[c] - mean[c]) * scale;
-        if (!FN(wide)(m, a, b, NULL, c) && FN(affine_lossy)(n, var[c], scale, shift))
+        if (!FN(wide)(m, a, b, NULL, c) &&
+            FN(affine_lossy)(n, var[c], (double)m[c], scale, shift))
             a[c] = (BN_CT)NAN, ++wide;
     }
     return wide;
