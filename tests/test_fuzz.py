@@ -7,7 +7,11 @@ broadcast and read-only arrays), a dtype from ``batchnorm._validation.FLOAT_DTYP
 there are fuzzed automatically), the kernel set (every ISA path this CPU has), eps,
 gamma/beta present or not (float64 contiguous, strided or unaligned, float32, integer arrays
 or lists), an ``out=`` (none, fresh, the input itself, an overlapping view) and at most
-one deliberately bad argument. The contract checked:
+one deliberately bad argument (a ``numpy.ma`` masked input among them). Data styles reach
+the extremes of each dtype (values near its largest, both signs, so that ``x - mean``
+overflows the compute type; 1e150 for float64, the documented limit of its statistics).
+Layer steps run under ``np.errstate(all="raise")`` with warnings as errors one time in four,
+and the layer fuzz runs again in a child forked after a threaded call. The contract checked:
 
 * a call either matches ``batchnorm.reference`` (fed statistics from correctly rounded
   sums) within a bound derived from the dtype's precision and the problem's condition, or raises ValueError/TypeError whose message names
@@ -17,7 +21,8 @@ one deliberately bad argument. The contract checked:
   not finite the result is not finite either (no exception: where gamma / sqrt(var + eps)
   does not fit the compute type the kernels take their exact path, see test_numerics.py);
 * inputs are never modified (unless they are ``out``), and a call that raises leaves ``out``
-  untouched.
+  untouched; a layer call that raises (the non-finite-statistics warning as an error
+  included) leaves the layer's state untouched, and none trips NumPy's error state.
 
 Runs are reproducible (``derandomize=True``, no example database). For a longer hunt set
 ``BATCHNORM_FUZZ_SCALE`` (a multiplier of the example counts) and, optionally,
@@ -203,7 +208,14 @@ def materialize(values: np.ndarray, dtype, lay: Layout, axis_index: int) -> np.n
 
 # --- data ----------------------------------------------------------------------------------
 
-STYLES = ["normal", "normal", "offset", "wide", "constant", "integers", "tiny", "nonfinite"]
+STYLES = ["normal", "normal", "offset", "wide", "constant", "integers", "tiny", "nonfinite",
+          "extreme"]
+
+# "extreme" data reaches this magnitude: near the top of each type (x - mean overflows the
+# compute type on both signs), and for float64 the documented limit of its statistics
+# (docs/numerics.rst: beyond about 1e150 the float64 sums of squares overflow).
+def extreme_magnitude(dt) -> float:
+    return 1e150 if np.dtype(dt) == F64 else dt_max(dt) * 0.75
 
 
 def make_values(rng, shape, ax, dt, style) -> np.ndarray:
@@ -224,6 +236,9 @@ def make_values(rng, shape, ax, dt, style) -> np.ndarray:
         v = rng.integers(-4, 5, shape).astype(np.float64)
     elif style == "tiny":
         v = z * 1e-20
+    elif style == "extreme":
+        top_x = extreme_magnitude(dt)
+        v = np.sign(z) * top_x * rng.uniform(0.25, 1.0, shape)
     else:
         v = z * rng.uniform(0.5, 2.0, c).reshape(cs) + rng.uniform(-3, 3, c).reshape(cs)
     if style == "constant" and c:
@@ -502,15 +517,15 @@ def cases(draw, fn: str):
     if fn == "batch_stats":
         out_kinds = ["none"]
     allowed = {
-        "batch_stats": ["x_dtype", "axis_range", "axis_type"],
+        "batch_stats": ["x_dtype", "axis_range", "axis_type", "x_masked"],
         "forward_train": ["x_dtype", "axis_range", "axis_type", "gamma_shape", "gamma_dtype",
-                          "beta_shape", "eps", "out_shape", "out_dtype", "out_type"],
+                          "beta_shape", "eps", "out_shape", "out_dtype", "out_type", "x_masked"],
         "forward_eval": ["x_dtype", "axis_range", "axis_type", "gamma_shape", "beta_shape",
                          "eps", "out_shape", "out_dtype", "out_type", "mean_shape",
-                         "var_negative"],
+                         "var_negative", "x_masked"],
         "backward": ["x_dtype", "axis_range", "axis_type", "gamma_shape", "gamma_dtype", "eps",
                      "out_shape", "out_dtype", "out_type", "mean_shape", "var_negative",
-                     "dy_shape", "dy_dtype", "st_type"],
+                     "dy_shape", "dy_dtype", "st_type", "x_masked"],
     }[fn]
     corrupt = draw(st.none() | st.none() | st.none() | st.sampled_from(allowed))
     return Case(
@@ -565,6 +580,9 @@ def run_case(fn: str, case: Case) -> None:
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             x = np.asarray(x).astype(bd)
+        errors.add("x")
+    if bad == "x_masked":       # numpy.ma: the mask would be ignored, so refused
+        x = np.ma.masked_array(np.asarray(x), mask=rng.random(shape) < 0.3)
         errors.add("x")
     if bad == "axis_range":
         axis = len(shape) + int(rng.integers(0, 3)) if rng.random() < 0.5 else -len(shape) - 1
@@ -852,7 +870,10 @@ def layer_steps(draw, ndim: int, ax: int, c: int):
         "shape": tuple(shape),
         "dtype": draw(st.sampled_from(FLOAT_DTYPES)),
         "layout": draw(layouts(ndim)),
-        "style": draw(st.sampled_from(["normal", "normal", "offset", "constant", "nonfinite"])),
+        "style": draw(st.sampled_from(["normal", "normal", "offset", "constant", "nonfinite",
+                                       "extreme"])),
+        # under np.errstate(all="raise") and warnings turned into errors
+        "strict": draw(st.integers(0, 3)) == 0,
         "in_place": draw(st.integers(0, 5)) == 0,
         "backward": draw(st.integers(0, 3)) > 0,
         "dy_layout": draw(layouts(ndim)),
@@ -886,6 +907,22 @@ def _state_same(a: dict, b: dict) -> bool:
     )
 
 
+def update_warns(state: dict, rst, n: int, momentum, unbiased: bool, ldt) -> bool:
+    """Whether a training step warns and keeps its running statistics: the batch statistics
+    are not finite, or the new running values overflow the layer's dtype (computed as the
+    kernel does: in double, rounded once)."""
+    if not (np.isfinite(rst.mean).all() and np.isfinite(rst.var).all()):
+        return True
+    m = 1.0 / (state["num_batches_tracked"] + 1) if momentum is None else momentum
+    factor = n / (n - 1) if unbiased else 1.0
+    with np.errstate(over="ignore"):
+        new_mean = ((1.0 - m) * state["running_mean"].astype(np.float64) + m * rst.mean)
+        new_var = ((1.0 - m) * state["running_var"].astype(np.float64)
+                   + m * (rst.var * factor))
+        return not (np.isfinite(new_mean.astype(ldt)).all()
+                    and np.isfinite(new_var.astype(ldt)).all())
+
+
 def run_layer_case(case: dict) -> None:
     import pickle
 
@@ -917,9 +954,25 @@ def run_layer_case(case: dict) -> None:
             errors.add("x")
         elif out is not None and (not x.flags.writeable or x.dtype != dt):
             errors.add("out")
-        with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
-            warnings.simplefilter("always")
-            y = call_expecting(lambda: layer(x, out=out), errors, "layer")
+        update = (not errors and layer.training and case["track"] and n >= 2)
+        warns = update and update_warns(state, exact_stats(np.asarray(xr, np.float64), ax), n,
+                                        case["momentum"], case["unbiased"], ldt)
+        if step["strict"]:
+            # nothing in the call may trip NumPy's error state; the one warning (non-finite
+            # statistics) raised as an error leaves the whole state as it was
+            with warnings.catch_warnings(), np.errstate(all="raise"):
+                warnings.simplefilter("error")
+                if warns:
+                    with pytest.raises(RuntimeWarning, match="not finite"):
+                        layer(x, out=out)
+                    assert _state_same(layer.state_dict(), state), "a failed call changed the state"
+                    continue
+                y = call_expecting(lambda: layer(x, out=out), errors, "layer")
+            caught = []
+        else:
+            with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
+                warnings.simplefilter("always")
+                y = call_expecting(lambda: layer(x, out=out), errors, "layer")
         if errors:
             assert _state_same(layer.state_dict(), state), "a failed call changed the state"
             if out is None:
@@ -940,11 +993,11 @@ def run_layer_case(case: dict) -> None:
         check_close(y, ry, forward_bound(xf, ax, mean, var, g, b, eps, dt, batch_mode),
                     "layer y", dtype=dt)
         # running statistics: updated from finite batch statistics only, in the layer's dtype
-        non_finite = not (np.isfinite(mean).all() and np.isfinite(var).all())
+        non_finite = warns
         warned = any(issubclass(w.category, RuntimeWarning) for w in caught)
         new = layer.state_dict()
         if layer.training and case["track"]:
-            assert warned == non_finite, (warned, non_finite)
+            assert step["strict"] or warned == non_finite, (warned, non_finite)
             if non_finite:
                 assert _state_same(new, state), "non-finite statistics entered the state"
             else:
@@ -987,9 +1040,9 @@ def run_layer_case(case: dict) -> None:
             assert layer.grad_gamma.dtype == ldt and layer.grad_beta.dtype == ldt
             with np.errstate(all="ignore"):
                 check_close(layer.grad_gamma, rdg, sg + SLACK * dt_eps(ldt) * np.abs(rdg),
-                            "grad_gamma")
+                            "grad_gamma", dtype=ldt)
                 check_close(layer.grad_beta, rdb, sb + SLACK * dt_eps(ldt) * np.abs(rdb),
-                            "grad_beta")
+                            "grad_beta", dtype=ldt)
     # the state survives a pickle round trip
     clone = pickle.loads(pickle.dumps(layer))
     assert _state_same(clone.state_dict(), layer.state_dict())
@@ -999,3 +1052,41 @@ def run_layer_case(case: dict) -> None:
 @hypothesis.given(case=layer_cases(), isa=st.sampled_from(ISAS))
 def test_fuzz_layer(case, isa):
     on_isa(isa, run_layer_case, case)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork exists on POSIX systems only")
+def test_fuzz_layer_in_a_forked_child(threads):
+    """The layer fuzz, run in a child forked after a threaded call in the parent (what data
+    loaders do): the child computes (on one thread, see test_threads.py) and every case
+    holds there too."""
+    import time
+    import traceback
+
+    bn.set_num_threads(2)
+    bn.forward_train(np.ones((256, 1024), np.float32))     # a threaded call in the parent
+    pid = os.fork()
+    if pid == 0:                                            # the child
+        status = 1
+        try:
+            @fuzz_settings(40)
+            @hypothesis.given(case=layer_cases(), isa=st.sampled_from(ISAS))
+            def child(case, isa):
+                on_isa(isa, run_layer_case, case)
+
+            child()
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + 300
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "a case failed in the child"
