@@ -247,3 +247,5 @@ def test_clipping_needs_renorm_and_sync_refuses_variants():
         bn.BatchNorm(3, renorm_clipping={"rmax": 2})
     with pytest.raises(NotImplementedError, match="virtual_batch_size"):
         bn.SyncBatchNorm(3, None, virtual_batch_size=2)
+    with pytest.raises(NotImplementedError, match="renorm=True"):
+        bn.SyncBatchNorm.from_batchnorm(bn.BatchNorm(3, renorm=True), None)
