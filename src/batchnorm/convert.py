@@ -101,11 +101,11 @@ def _build(source: str, names: Mapping[str, str], vectors: Mapping[str, np.ndarr
 
 def _vectors(layer: BatchNorm) -> dict:
     """Copies of the layer's parameters and running statistics that exist, by its names."""
-    _validation_layer(layer)
+    _check_layer(layer)
     return {k: v for k, v in layer.state_dict().items() if k != "num_batches_tracked"}
 
 
-def _validation_layer(layer: Any) -> None:
+def _check_layer(layer: Any) -> None:
     if not isinstance(layer, BatchNorm):
         raise TypeError(f"layer must be a batchnorm.BatchNorm, got {type(layer).__name__}")
 
@@ -429,7 +429,7 @@ def from_flax(variables: Any, **module_fields: Any) -> BatchNorm:
     if extra:
         raise KeyError(f"from_flax: unexpected variables {sorted(extra)} (one BatchNorm's "
                        f"variables expected)")
-    names = {"gamma": "scale", "beta": "bias", "running_mean": "mean", "running_var": "var"}
+    names = {ours: theirs.split("/")[1] for ours, theirs in _FLAX.items()}
     vectors = {ours: _array(flat[theirs]) for ours, theirs in names.items() if theirs in flat}
     affine = _affine(vectors, cfg["use_scale"], cfg["use_bias"])
     if not isinstance(cfg["axis"], (int, np.integer)):
