@@ -120,3 +120,19 @@ def test_supported_dtypes_lists_half_types():
     names = [d.name for d in bn._api.supported_dtypes()]
     assert names[:3] == ["float32", "float64", "float16"]
     assert ("bfloat16" in names) == (BF16 is not None)
+
+
+@pytest.mark.parametrize("dt", HALF_DTYPES, ids=lambda d: d.name)
+def test_half_parameter_vectors_are_taken_exactly(dt):
+    """float16 and bfloat16 vectors (as an ONNX or Keras model may hold them) give the same
+    bits as the same values in float64."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, 4, 3)).astype(np.float32)
+    vecs = [rng.normal(size=4).astype(dt) for _ in range(3)] + [
+        rng.uniform(0.5, 2, 4).astype(dt)]
+    gamma, beta, mean, var = vecs
+    wide = [v.astype(np.float64) for v in vecs]
+    got = bn.forward_eval(x, mean, var, gamma, beta)
+    assert np.array_equal(got, bn.forward_eval(x, wide[2], wide[3], wide[0], wide[1]))
+    y, _ = bn.forward_train(x, gamma, beta)
+    assert np.array_equal(y, bn.forward_train(x, wide[0], wide[1])[0])

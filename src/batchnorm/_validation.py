@@ -25,6 +25,11 @@ def is_bfloat16(dt: np.dtype) -> bool:
     return dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16"
 
 
+def is_kernel_dtype(dt: np.dtype) -> bool:
+    """Whether the kernels take arrays of this dtype as they are (see supported_dtypes)."""
+    return dt in FLOAT_DTYPES or is_bfloat16(dt)
+
+
 def supported_dtypes() -> tuple:
     """The storage dtypes the kernels take: float32, float64, float16, and bfloat16 when
     ml_dtypes is installed."""
@@ -58,7 +63,7 @@ def as_input(a: Any, name: str) -> np.ndarray:
     """A float ndarray (see supported_dtypes) with native byte order and ndim >= 2."""
     arr = as_array(a, name)
     dt = arr.dtype
-    if dt not in FLOAT_DTYPES and not is_bfloat16(dt):
+    if not is_kernel_dtype(dt):
         if dt.kind == "f" and dt.newbyteorder("=") in FLOAT_DTYPES:
             arr = arr.astype(dt.newbyteorder("="))
         else:
@@ -130,9 +135,10 @@ def eps(value: Any) -> float:
 
 
 def vector(v: Any, channels: int, name: str) -> np.ndarray:
-    """v as a contiguous, aligned float64 vector of length C (a copy where it is not one)."""
+    """v as a contiguous, aligned float64 vector of length C (a copy where it is not one);
+    any real numeric dtype, bfloat16 included (exact in float64)."""
     arr = as_array(v, name)
-    if arr.dtype.kind not in "fiu":
+    if arr.dtype.kind not in "fiu" and not is_bfloat16(arr.dtype):
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if arr.shape != (channels,):
         raise ValueError(f"{name} must have shape (C,) = ({channels},), got {arr.shape}")

@@ -133,13 +133,8 @@ def uninstall() -> None:
 # --- the replacements ------------------------------------------------------------------------
 
 
-def _kernel_dtype(dtype: np.dtype) -> bool:
-    """Whether the kernels take arrays of this type (float16/32/64 native, bfloat16)."""
-    return dtype in _validation.FLOAT_DTYPES or _validation.is_bfloat16(dtype)
-
-
 def _plain_input(x: Any) -> bool:
-    return type(x) is np.ndarray and x.size > 0 and _kernel_dtype(x.dtype)
+    return type(x) is np.ndarray and x.size > 0 and _validation.is_kernel_dtype(x.dtype)
 
 
 def _reduction_axes(axes: Any, ndim: int) -> Optional[tuple]:
@@ -242,11 +237,9 @@ def _batch_normalization(x: Any, mean: Any, variance: Any, axis: Any, offset: An
         dtype = _keras_result_dtype(x, mean, variance, offset, scale, epsilon)
     except TypeError:
         return original(*args)
-    if not _kernel_dtype(dtype):
+    if not _validation.is_kernel_dtype(dtype):
         return original(*args)
-    # float64 vectors: exact for every float type (the package's vector rule does not take
-    # bfloat16)
-    m, v, b, g = (None if a is None else a.astype(np.float64) for a in vectors)
+    m, v, b, g = vectors
     if np.any(v < 0):
         # Keras gives NaN there (or a value where var + epsilon > 0); the kernels refuse it
         return original(*args)

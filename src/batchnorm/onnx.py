@@ -69,8 +69,8 @@ _TRAINING_MODE_ATTR = 14       # BatchNormalization-14: the training_mode attrib
 
 
 def _vector(v: Any) -> np.ndarray:
-    """A parameter or statistic as float64 (exact for every ONNX float type, bfloat16
-    included, which the package's vector rule does not take); the kernels check the shape."""
+    """A parameter or statistic as float64 (exact for every ONNX float type), in which the
+    running statistics are computed; the kernels check the shape."""
     return np.asarray(v).astype(np.float64, copy=False)
 
 
