@@ -150,7 +150,7 @@ class BatchNorm:
         if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"dtype must be float32 or float64, got {dt}")
         if momentum is not None:
-            momentum = _momentum(momentum, "momentum")
+            momentum = _validation.fraction(momentum, "momentum")
         self.num_features = c
         self.axis = _validation.axis_index(axis)
         self.eps = _validation.eps(eps)
@@ -164,7 +164,7 @@ class BatchNorm:
             virtual_batch_size, "virtual_batch_size", "an integer >= 2 or None", low=2)
         self.renorm = _validation.flag(renorm, "renorm")
         self.renorm_clipping = _renorm_clipping(renorm_clipping, self.renorm)
-        self.renorm_momentum = _momentum(renorm_momentum, "renorm_momentum")
+        self.renorm_momentum = _validation.fraction(renorm_momentum, "renorm_momentum")
         if self.renorm and not self.track_running_stats:
             raise ValueError("renorm=True needs track_running_stats=True (r and d come from "
                              "running statistics)")
@@ -580,15 +580,6 @@ def _renorm_dgamma(dgamma: np.ndarray, dbeta: np.ndarray, rd: Optional[tuple]) -
         return dgamma
     r, d = rd
     return r * dgamma + d * dbeta
-
-
-def _momentum(value: Any, name: str) -> float:
-    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
-    v = float(value)
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {v}")
-    return v
 
 
 def _renorm_clipping(clipping: Any, renorm: bool) -> dict:

@@ -134,6 +134,16 @@ def eps(value: Any) -> float:
     return e
 
 
+def fraction(value: Any, name: str) -> float:
+    """A number in [0, 1] (a momentum or a decay) as a float, else an error naming it."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {v}")
+    return v
+
+
 def vector(v: Any, channels: int, name: str) -> np.ndarray:
     """v as a contiguous, aligned float64 vector of length C (a copy where it is not one);
     any real numeric dtype, bfloat16 included (exact in float64)."""

@@ -42,11 +42,7 @@ def decay_to_momentum(decay: Any, name: str = "momentum") -> float:
     >>> decay_to_momentum(0.99), 1 - 0.99
     (0.01, 0.010000000000000009)
     """
-    if isinstance(decay, (bool, np.bool_)) or decay is None:
-        raise TypeError(f"{name} must be a number in [0, 1], got {decay!r}")
-    d = float(decay)
-    if not 0.0 <= d <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {d}")
+    d = _validation.fraction(decay, name)
     return float(1 - decimal.Decimal(repr(d)))
 
 
