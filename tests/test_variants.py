@@ -249,3 +249,11 @@ def test_clipping_needs_renorm_and_sync_refuses_variants():
         bn.SyncBatchNorm(3, None, virtual_batch_size=2)
     with pytest.raises(NotImplementedError, match="renorm=True"):
         bn.SyncBatchNorm.from_batchnorm(bn.BatchNorm(3, renorm=True), None)
+
+
+def test_renorm_refuses_one_value_per_channel_as_the_plain_layer_does():
+    for layer in (bn.BatchNorm(3), bn.BatchNorm(3, renorm=True)):
+        before = layer.state_dict()
+        with pytest.raises(ValueError, match="more than one value per channel; x of shape"):
+            layer(batch((1, 3)))
+        state_equal_dict(layer.state_dict(), before)

@@ -452,9 +452,7 @@ class BatchNorm:
             y, st, grad = self._normalize_batch(x, out)
             return y, st, self._gamma, grad, None
         st = _kernels.batch_stats(x, self.axis, self.check_finite, self.num_features)
-        if st.count < 2:
-            raise ValueError(f"training needs more than one value per channel, got "
-                             f"{st.count} (a batch of one example without spatial axes?)")
+        _kernels.training_count(x, _validation.channel_axis(self.axis, x.ndim), st.count)
         r, d = self._renorm_correction(st, state)
         g = 1.0 if self._gamma is None else self._gamma.astype(np.float64)
         b = 0.0 if self._beta is None else self._beta.astype(np.float64)
