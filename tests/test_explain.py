@@ -226,14 +226,22 @@ def test_split_statistics_right_and_wrong():
     assert np.abs(r["moments_var"] - x.var(axis=0)).max() > 1.0
 
 
-def test_processes_topic_prints_the_numbers(capsys):
+@pytest.mark.parametrize("topic,lines", [
+    ("processes", ["mean of the means     (3, 4.5, 4.25, 2.75)",
+                   "merged                mean (2.67, 4.33, 5, 3.33)  var (1.56, 0.222, 4.67, "
+                   "16.2)",
+                   "mpiexec -n 2 python -m batchnorm explain --processes"]),
+    ("variants", ["rows 1-2: mean (3.5, 4.5, 4, 0.5)  var (0.25, 0.25, 4, 0.25)",
+                  "num_batches_tracked after one call: 2",
+                  "d = (mean - renorm_mean) / renorm_std, in [-1, 1]: (1, 1, 1, 1)"]),
+])
+def test_topic_prints_the_numbers(capsys, topic, lines):
     from batchnorm._explain import main
 
-    assert main(["--topic", "processes"]) == 0
+    assert main(["--topic", topic]) == 0
     text = capsys.readouterr().out
-    assert "mean of the means     (3, 4.5, 4.25, 2.75)" in text
-    assert "merged                mean (2.67, 4.33, 5, 3.33)  var (1.56, 0.222, 4.67, 16.2)" in text
-    assert "mpiexec -n 2 python -m batchnorm explain --processes" in text
+    for line in lines:
+        assert line in text
 
 
 # --- variants -------------------------------------------------------------------------------
@@ -253,13 +261,3 @@ def test_variant_numbers_are_the_layers():
     # renorm: within its limits, and y = (xhat * r + d) for gamma 1, beta 0
     assert v["r"].max() <= 1.5 and np.abs(v["d"]).max() <= 1.0
     np.testing.assert_allclose(v["y_renorm"], v["y_plain"] * v["r"] + v["d"], rtol=1e-14)
-
-
-def test_variants_topic_prints_the_numbers(capsys):
-    from batchnorm._explain import main
-
-    assert main(["--topic", "variants"]) == 0
-    text = capsys.readouterr().out
-    assert "rows 1-2: mean (3.5, 4.5, 4, 0.5)  var (0.25, 0.25, 4, 0.25)" in text
-    assert "num_batches_tracked after one call: 2" in text
-    assert "d = (mean - renorm_mean) / renorm_std, in [-1, 1]: (1, 1, 1, 1)" in text
