@@ -44,28 +44,41 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
                                 bn_strides xs, BN_T *dx, bn_strides dxs, const double *mean,
                                 const double *var, const double *gamma, double eps,
                                 int training, const bn_batch_total *total, double *dgamma,
-                                double *dbeta, ptrdiff_t cc, ptrdiff_t size, double *sums,
-                                BN_CT *coef, int *wide)
+                                double *dbeta, const bn_options *opt, const bn_mask *mk,
+                                ptrdiff_t cc, ptrdiff_t size, double *sums, BN_CT *coef,
+                                int *wide)
 {
     ptrdiff_t C = s.channels, CS = BN_COEF_STRIDE(C), c0, u, bl;
     int need_sums = !total && (training || dgamma || dbeta);
-    double n = total ? total->n : (double)(s.outer * s.inner);
+    int gate = opt && opt->activation == BN_ACT_RELU, masked = training && mk->m;
+    double n = total ? total->n : mk->m ? mk->count : (double)(s.outer * s.inner);
+    /* with the relu's gate, batch norm's upstream gradient is dz */
+    const BN_T *g = gate ? (const BN_T *)opt->dz : dy;
+    bn_strides gs = gate ? opt->dz_strides : dys;
     double *psdy = sums, *psdyx = sums + size, *sdy = psdyx + size, *sdyx = sdy + cc;
     const BN_CT *b = training ? coef + 2 * CS : NULL, *c = training ? coef + 3 * CS : NULL;
     /* wide is shared: counted by the threads that compute the coefficients */
-    bn_call ex = FN(call_of)(s, mean, var, gamma, NULL, eps, wide);
+    bn_call ex = FN(call_of)(s, mean, var, gamma, NULL, eps, wide, NULL);
     ex.sdy = training ? sdy : NULL, ex.sdyxhat = sdyx, ex.n = n;
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
         bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);
         ptrdiff_t blocks = bn_merge_blocks(&t);
         ex.c_begin = c0;
+        if (gate) {
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic)
+#endif
+            for (u = 0; u < tp.units; ++u)
+                FN(gate_unit)(&tp, s, dy, dys, (const BN_T *)opt->y, opt->y_strides,
+                              (BN_T *)opt->dz, opt->dz_strides, u);
+        }
         if (need_sums) {
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
             for (u = 0; u < t.units; ++u)
-                FN(bwd_sums_unit)(&t, s, dy, dys, x, xs, mean, u, psdy, psdyx);
+                FN(bwd_sums_unit)(&t, s, g, gs, x, xs, mean, u, psdy, psdyx);
         }
         /* sums and coefficients, block by block of channels on all threads */
 #ifdef _OPENMP
@@ -93,9 +106,14 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
-            for (u = 0; u < tp.units; ++u)
-                FN(bwd_dx_unit)(&tp, s, dy, dys, x, xs, dx, dxs, u, coef, coef + CS, b, c,
-                                &ex);
+            for (u = 0; u < tp.units; ++u) {
+                if (masked)
+                    FN(masked_dx_unit)(&tp, s, g, gs, x, xs, dx, dxs, u, coef, coef + CS, b, c,
+                                       &ex, mk);
+                else
+                    FN(bwd_dx_unit)(&tp, s, g, gs, x, xs, dx, dxs, u, coef, coef + CS, b, c,
+                                    &ex);
+            }
         }
     }
 }
@@ -105,13 +123,16 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
 static int FN(backward_run)(bn_shape s, const BN_T *dy, bn_strides dys, const BN_T *x,
                             bn_strides xs, BN_T *dx, bn_strides dxs, const double *mean,
                             const double *var, const double *gamma, double eps, int training,
-                            const bn_batch_total *total, double *dgamma, double *dbeta)
+                            const bn_batch_total *total, double *dgamma, double *dbeta,
+                            const bn_options *opt)
 {
+    bn_mask mk;
     double *sums;
     BN_CT *coef;
     bn_tiling t0;
     ptrdiff_t k, C = s.channels, cc, size;
     int nt, wide = 0, need_sums = !total && (training || dgamma || dbeta);
+    int arrays = need_sums ? 2 : 1;
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (total && (!total->sum_dy || !total->sum_dy_xhat || !(total->n >= 1.0))) return BN_ERR_ARG;
     if (C == 0) return BN_OK;
@@ -122,8 +143,10 @@ static int FN(backward_run)(bn_shape s, const BN_T *dy, bn_strides dys, const BN
         }
         return BN_OK;
     }
-    if (!dy || ((need_sums || (total && dx)) && !x)) return BN_ERR_ARG;
-    cc = bn_chunk_channels(s, need_sums ? 2 : 1, sizeof(BN_CT));
+    if (!dy || ((need_sums || (total && dx)) && !x) || bn_mask_of(opt, s, &mk) < 0) return BN_ERR_ARG;
+    if (opt && opt->activation == BN_ACT_RELU && (!opt->y || !opt->dz)) return BN_ERR_ARG;
+    if (opt && opt->activation == BN_ACT_RELU) ++arrays; /* y, then dz, stay in cache */
+    cc = bn_chunk_channels(s, arrays, sizeof(BN_CT));
     /* partials of the largest chunk (every chunk has as many parts), then the chunk's sums */
     t0 = bn_make_tiling(s, 0, cc);
     size = t0.parts * BN_PART_STRIDE(cc);
@@ -133,16 +156,18 @@ static int FN(backward_run)(bn_shape s, const BN_T *dy, bn_strides dys, const BN
         bn_free_aligned(sums), free(coef);
         return BN_ERR_NOMEM;
     }
-    nt = bn_threads_for(s.outer * C * s.inner, need_sums ? 1 + 1 + training : 1, t0.units);
+    nt = bn_threads_for(s.outer * C * s.inner,
+                        (need_sums ? 2 + training : 1) + (opt && opt->activation == BN_ACT_RELU),
+                        t0.units);
     if (nt > 1) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
         FN(backward_chunks)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, total,
-                            dgamma, dbeta, cc, size, sums, coef, &wide);
+                            dgamma, dbeta, opt, &mk, cc, size, sums, coef, &wide);
     } else {
         FN(backward_chunks)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, total,
-                            dgamma, dbeta, cc, size, sums, coef, &wide);
+                            dgamma, dbeta, opt, &mk, cc, size, sums, coef, &wide);
     }
     bn_free_aligned(sums), free(coef);
     return BN_OK;
@@ -151,10 +176,11 @@ static int FN(backward_run)(bn_shape s, const BN_T *dy, bn_strides dys, const BN
 int BN_EXPORT(bn_backward, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys, const BN_T *x,
                                   bn_strides xs, BN_T *dx, bn_strides dxs, const double *mean,
                                   const double *var, const double *gamma, double eps,
-                                  int training, double *dgamma, double *dbeta)
+                                  int training, double *dgamma, double *dbeta,
+                                  const bn_options *opt)
 {
     return FN(backward_run)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, NULL,
-                            dgamma, dbeta);
+                            dgamma, dbeta, opt);
 }
 
 int BN_EXPORT(bn_backward_total, BN_TN)(bn_shape s, const BN_T *dy, bn_strides dys,
@@ -167,7 +193,7 @@ int BN_EXPORT(bn_backward_total, BN_TN)(bn_shape s, const BN_T *dy, bn_strides d
     total.n = n, total.sum_dy = sum_dy, total.sum_dy_xhat = sum_dy_xhat;
     if (!dx) return BN_ERR_ARG;
     return FN(backward_run)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, 1, &total, NULL,
-                            NULL);
+                            NULL, NULL);
 }
 
 #undef FN

@@ -9,21 +9,22 @@
 /* Every (element name, storage type) pair, and the signature of each operation. */
 #define BN_ELEMENT_TYPES(X) X(f32, float) X(f64, double) X(f16, uint16_t) X(bf16, uint16_t)
 
-#define BN_STATS_ARGS(T) (bn_shape s, const T *x, bn_strides xs, double *mean, double *var)
-#define BN_STATS_CALL (s, x, xs, mean, var)
+#define BN_STATS_ARGS(T) (bn_shape s, const T *x, bn_strides xs, double *mean, double *var, const bn_options *opt)
+#define BN_STATS_CALL (s, x, xs, mean, var, opt)
 #define BN_TRAIN_ARGS(T)                                                                          \
     (bn_shape s, const T *x, bn_strides xs, T *y, bn_strides ys, const double *gamma,             \
-     const double *beta, double eps, double *mean, double *var)
-#define BN_TRAIN_CALL (s, x, xs, y, ys, gamma, beta, eps, mean, var)
+     const double *beta, double eps, double *mean, double *var, const bn_options *opt)
+#define BN_TRAIN_CALL (s, x, xs, y, ys, gamma, beta, eps, mean, var, opt)
 #define BN_EVAL_ARGS(T)                                                                           \
     (bn_shape s, const T *x, bn_strides xs, T *y, bn_strides ys, const double *mean,              \
-     const double *var, const double *gamma, const double *beta, double eps)
-#define BN_EVAL_CALL (s, x, xs, y, ys, mean, var, gamma, beta, eps)
+     const double *var, const double *gamma, const double *beta, double eps,                    \
+     const bn_options *opt)
+#define BN_EVAL_CALL (s, x, xs, y, ys, mean, var, gamma, beta, eps, opt)
 #define BN_BACKWARD_ARGS(T)                                                                       \
     (bn_shape s, const T *dy, bn_strides dys, const T *x, bn_strides xs, T *dx, bn_strides dxs,   \
      const double *mean, const double *var, const double *gamma, double eps, int training,        \
-     double *dgamma, double *dbeta)
-#define BN_BACKWARD_CALL (s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, dgamma, dbeta)
+     double *dgamma, double *dbeta, const bn_options *opt)
+#define BN_BACKWARD_CALL (s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, dgamma, dbeta, opt)
 #define BN_BACKWARD_TOTAL_ARGS(T)                                                                 \
     (bn_shape s, const T *dy, bn_strides dys, const T *x, bn_strides xs, T *dx, bn_strides dxs,   \
      const double *mean, const double *var, const double *gamma, double eps, double n,            \

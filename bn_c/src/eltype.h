@@ -5,6 +5,7 @@
  *   BN_LD(p) / BN_ST(p, v)  load one element as BN_CT / store one
  * and, with AVX2+FMA (BN_SIMD), vectors of BN_CT:
  *   BN_V, BN_W (lanes), BN_VLD(p) / BN_VST(p, v) from/to storage, BN_VLDC(p) from a BN_CT array,
+ *   BN_VSET1, BN_VSUB, BN_VMUL, BN_VFMA, BN_VADD, BN_VMAX (max(a, b): b when either is NaN),
  *   BN_LOAD4D(p)  4 elements widened to double, for the float64 accumulators,
  *   BN_VSTS(stream, p, v)  a store that is non-temporal when `stream` (p aligned to
  *   BN_VBYTES), BN_CAN_STREAM whether this type has such stores (float32, float64).
@@ -35,6 +36,8 @@
 #undef BN_VSUB
 #undef BN_VMUL
 #undef BN_VFMA
+#undef BN_VADD
+#undef BN_VMAX
 #undef BN_LOAD4D
 #undef BN_SIMD
 #undef BN_AVX512
@@ -104,6 +107,8 @@
 #define BN_VSUB _mm512_sub_pd
 #define BN_VMUL _mm512_mul_pd
 #define BN_VFMA _mm512_fmadd_pd
+#define BN_VADD _mm512_add_pd
+#define BN_VMAX _mm512_max_pd
 #define BN_LOAD4D(p) _mm256_loadu_pd(p)
 #define BN_LOAD8D(p) _mm512_loadu_pd(p)
 #define BN_VSTNT _mm512_stream_pd
@@ -122,6 +127,8 @@
 #define BN_VSUB _mm512_sub_ps
 #define BN_VMUL _mm512_mul_ps
 #define BN_VFMA _mm512_fmadd_ps
+#define BN_VADD _mm512_add_ps
+#define BN_VMAX _mm512_max_ps
 #define BN_LOAD4D(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
 #define BN_LOAD8D(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
 #define BN_VSTNT _mm512_stream_ps
@@ -140,6 +147,8 @@
 #define BN_VSUB _mm256_sub_pd
 #define BN_VMUL _mm256_mul_pd
 #define BN_VFMA _mm256_fmadd_pd
+#define BN_VADD _mm256_add_pd
+#define BN_VMAX _mm256_max_pd
 #define BN_LOAD4D(p) _mm256_loadu_pd(p)
 #define BN_VSTNT _mm256_stream_pd
 #define BN_CAN_STREAM 1
@@ -151,6 +160,8 @@
 #define BN_VSUB _mm256_sub_ps
 #define BN_VMUL _mm256_mul_ps
 #define BN_VFMA _mm256_fmadd_ps
+#define BN_VADD _mm256_add_ps
+#define BN_VMAX _mm256_max_ps
 #if BN_KIND == BN_KIND_F32
 #define BN_VLD _mm256_loadu_ps
 #define BN_VST _mm256_storeu_ps

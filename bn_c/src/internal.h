@@ -15,6 +15,16 @@
 #define BN_CAT2_(a, b) a##_##b
 #define BN_CAT2(a, b) BN_CAT2_(a, b)
 
+/* Loops that take their variant flags as arguments are forced inline, so that callers
+ * passing constants get a loop without the unused variants' code. */
+#if defined(__GNUC__) || defined(__clang__)
+#define BN_ALWAYS_INLINE static inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define BN_ALWAYS_INLINE static __forceinline
+#else
+#define BN_ALWAYS_INLINE static inline
+#endif
+
 /* Element types of the kernel templates (see eltype.h). */
 #define BN_KIND_F32 0
 #define BN_KIND_F64 1
@@ -71,9 +81,25 @@ void bn_free_aligned(void *p);
 #define BN_MERGE_BLOCK 16
 ptrdiff_t bn_merge_blocks(const bn_tiling *t);
 /* Chan's merge of (count, mean, M2) partials of the channels of block b, parts in order;
- * writes their mean and var (indexed from 0 = t->c_begin). */
+ * writes their mean and var (indexed from 0 = t->c_begin). pcount: the count of each part
+ * (masked statistics), or NULL for the counts of the tiling's geometry. */
 void bn_merge_moments(const bn_tiling *t, bn_shape s, const double *pmean, const double *pm2,
-                      double *mean, double *var, ptrdiff_t b);
+                      const double *pcount, double *mean, double *var, ptrdiff_t b);
+
+/* A mask of a call (see bn_options): one byte per (outer, inner) position, byte strides mo
+ * and mi, and the first position it sets, (ro, ri), whose value is each channel's reference
+ * (see FN(reference)); count is how many positions it sets. */
+typedef struct bn_mask {
+    const unsigned char *m;
+    ptrdiff_t mo, mi;
+    ptrdiff_t ro, ri;
+    double count;
+} bn_mask;
+/* The mask of opt over shape s, or 0 (plain) when opt has none; BN_ERR_ARG for a mask with
+ * a channel stride. */
+int bn_mask_of(const bn_options *opt, bn_shape s, bn_mask *mk);
+/* Whether the mask sets position (o, i). */
+#define BN_MASKED_IN(mk, o, i) ((mk)->m[(o) * (mk)->mo + (i) * (mk)->mi] != 0)
 /* Plain sums of the partials of the channels of block b, parts in order. */
 void bn_merge_sums(const bn_tiling *t, const double *part, double *total, ptrdiff_t b);
 
@@ -106,6 +132,10 @@ int bn_shape_ok(bn_shape s);
  * there. */
 typedef struct bn_call {
     int stream;
+    /* the forward's epilogue (see bn_options): y = act(bn(x) + z); z typed as x, or NULL */
+    const void *z;
+    bn_strides zs;
+    int relu;
     const int *wide; /* channels of the current chunk that take the exact path (0: none) */
     const double *mean, *var, *gamma, *beta; /* per channel; gamma, beta may be NULL */
     double eps;

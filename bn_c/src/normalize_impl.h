@@ -4,7 +4,8 @@
 
 int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y,
                                       bn_strides ys, const double *mean, const double *var,
-                                      const double *gamma, const double *beta, double eps)
+                                      const double *gamma, const double *beta, double eps,
+                                      const bn_options *opt)
 {
     BN_CT *coef;
     bn_call ex;
@@ -19,7 +20,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     wide = FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, 0.0, coef, coef + CS,
                                    coef + 2 * CS);
     FN(wrap_channels)(coef, 3, C, 0, C);
-    ex = FN(call_of)(s, mean, var, gamma, beta, eps, &wide);
+    ex = FN(call_of)(s, mean, var, gamma, beta, eps, &wide, opt);
     t = bn_make_pass_tiling(s, 0, C);
     nt = bn_threads_for(s.outer * C * s.inner, 1, t.units);
     if (nt > 1) {
@@ -41,12 +42,15 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
  * serially with no OpenMP overhead. */
 static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, bn_strides ys,
                              const double *gamma, const double *beta, double eps, double *mean,
-                             double *var, ptrdiff_t cc, ptrdiff_t size, double *scratch,
-                             BN_CT *coef, int *wide)
+                             double *var, const bn_options *opt, const bn_mask *mk,
+                             ptrdiff_t cc, ptrdiff_t size, double *scratch, BN_CT *coef,
+                             int *wide)
 {
     ptrdiff_t c0, u, b, C = s.channels, CS = BN_COEF_STRIDE(C);
+    double *pcount = mk->m ? scratch + 2 * size : NULL;
+    double n = mk->m ? -mk->count : (double)(s.outer * s.inner); /* see lossy_spread */
     /* wide is shared: counted by the threads that compute the coefficients */
-    bn_call ex = FN(call_of)(s, mean, var, gamma, beta, eps, wide);
+    bn_call ex = FN(call_of)(s, mean, var, gamma, beta, eps, wide, opt);
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
         bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);
@@ -54,21 +58,24 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
-        for (u = 0; u < t.units; ++u)
-            FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
+        for (u = 0; u < t.units; ++u) {
+            if (pcount)
+                FN(masked_stats_unit)(&t, s, x, xs, mk, u, scratch, scratch + size, pcount);
+            else
+                FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
+        }
         /* merge and coefficients, block by block of channels on all threads */
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
         for (b = 0; b < blocks; ++b) {
-            ptrdiff_t lo = b * BN_MERGE_BLOCK, n = bn_min(BN_MERGE_BLOCK, t.c_count - lo);
+            ptrdiff_t lo = b * BN_MERGE_BLOCK, nc = bn_min(BN_MERGE_BLOCK, t.c_count - lo);
             int w;
-            bn_merge_moments(&t, s, scratch, scratch + size, mean + c0, var + c0, b);
-            FN(add_references)(&t, s, x, xs, mean + c0, b);
-            w = FN(affine_coefficients)(c0 + lo, n, mean, var, gamma, beta, eps,
-                                        (double)(s.outer * s.inner), coef, coef + CS,
-                                        coef + 2 * CS);
-            if (t.c_count == C) FN(wrap_channels)(coef, 3, C, lo, n);
+            bn_merge_moments(&t, s, scratch, scratch + size, pcount, mean + c0, var + c0, b);
+            FN(add_references)(&t, x, xs, mk, mean + c0, b);
+            w = FN(affine_coefficients)(c0 + lo, nc, mean, var, gamma, beta, eps, n, coef,
+                                        coef + CS, coef + 2 * CS);
+            if (t.c_count == C) FN(wrap_channels)(coef, 3, C, lo, nc);
             if (w) {
 #ifdef _OPENMP
 #pragma omp atomic
@@ -89,8 +96,10 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
  * about one read and one write. */
 int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y,
                                        bn_strides ys, const double *gamma, const double *beta,
-                                       double eps, double *mean, double *var)
+                                       double eps, double *mean, double *var,
+                                       const bn_options *opt)
 {
+    bn_mask mk;
     bn_tiling t0;
     ptrdiff_t C = s.channels, cc, size, k;
     double *scratch;
@@ -102,12 +111,13 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
         for (k = 0; k < C; ++k) mean[k] = var[k] = NAN;
         return BN_OK;
     }
-    if (!x || !y) return BN_ERR_ARG;
-    cc = bn_chunk_channels(s, 1, sizeof(BN_CT));
+    if (!x || !y || bn_mask_of(opt, s, &mk) < 0) return BN_ERR_ARG;
+    cc = bn_chunk_channels(s, opt && opt->residual ? 2 : 1, sizeof(BN_CT));
     /* partials of the largest chunk; every chunk has as many parts */
     t0 = bn_make_tiling(s, 0, cc);
     size = t0.parts * BN_PART_STRIDE(cc);
-    scratch = (double *)bn_alloc_aligned(sizeof(double) * 2 * (size_t)size);
+    /* partial means and M2, then (masked) the parts' counts */
+    scratch = (double *)bn_alloc_aligned(sizeof(double) * (2 * (size_t)size + (size_t)t0.parts));
     coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)BN_COEF_STRIDE(C));
     if (!scratch || !coef) {
         bn_free_aligned(scratch), free(coef);
@@ -118,11 +128,11 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
-        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, cc, size, scratch, coef,
-                         &wide);
+        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, opt, &mk, cc, size,
+                         scratch, coef, &wide);
     } else {
-        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, cc, size, scratch, coef,
-                         &wide);
+        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, opt, &mk, cc, size,
+                         scratch, coef, &wide);
     }
     bn_free_aligned(scratch), free(coef);
     return BN_OK;

@@ -209,6 +209,24 @@ double bn_part_count(const bn_tiling *t, bn_shape s, ptrdiff_t k)
     return (double)(max_p(rows, 0) * max_p(len, 0));
 }
 
+int bn_mask_of(const bn_options *opt, bn_shape s, bn_mask *mk)
+{
+    ptrdiff_t o, i;
+    mk->m = NULL, mk->ro = mk->ri = 0, mk->count = 0.0;
+    if (!opt || !opt->mask) return 0;
+    if (opt->mask_strides.channel != 0 && s.channels > 1) return BN_ERR_ARG;
+    mk->m = opt->mask, mk->mo = opt->mask_strides.outer, mk->mi = opt->mask_strides.inner;
+    mk->ro = mk->ri = -1;
+    for (o = 0; o < s.outer; ++o)
+        for (i = 0; i < s.inner; ++i)
+            if (BN_MASKED_IN(mk, o, i)) {
+                if (mk->ro < 0) mk->ro = o, mk->ri = i;
+                mk->count += 1.0;
+            }
+    if (mk->ro < 0) mk->ro = mk->ri = 0; /* nothing set: every statistic is NaN */
+    return 0;
+}
+
 ptrdiff_t bn_merge_blocks(const bn_tiling *t) { return ceil_div(t->c_count, BN_MERGE_BLOCK); }
 
 /* A block's channels are merged side by side: the part counts, and so the merge weights, are
@@ -216,14 +234,14 @@ ptrdiff_t bn_merge_blocks(const bn_tiling *t) { return ceil_div(t->c_count, BN_M
  * chain of dependent steps would wait on each. Each channel's arithmetic, and so its bits, is
  * that of merging it alone, parts in order. */
 void bn_merge_moments(const bn_tiling *t, bn_shape s, const double *pmean, const double *pm2,
-                      double *mean, double *var, ptrdiff_t b)
+                      const double *pcount, double *mean, double *var, ptrdiff_t b)
 {
     ptrdiff_t j, k, P = t->parts, S = BN_PART_STRIDE(t->c_count), c0 = b * BN_MERGE_BLOCK;
     ptrdiff_t nc = min_p(BN_MERGE_BLOCK, t->c_count - c0);
     const double *pm = pmean + c0, *p2 = pm2 + c0;
     double n = 0.0, m[BN_MERGE_BLOCK], m2[BN_MERGE_BLOCK];
     for (k = 0; k < P; ++k) {
-        double nb = bn_part_count(t, s, k);
+        double nb = pcount ? pcount[k] : bn_part_count(t, s, k);
         if (nb == 0.0) continue;
         if (n == 0.0) {
             for (j = 0; j < nc; ++j) m[j] = pm[k * S + j], m2[j] = p2[k * S + j];

@@ -238,34 +238,73 @@ static inline void FN(run_bwd_sums)(const BN_T *dy, ptrdiff_t dyrs, ptrdiff_t dy
     *sdyx += p0 + p1;
 }
 
-/* y = (x - m) * a + b. In place (y == x) is fine: each vector is read before it is written. */
-static inline void FN(run_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
-                                  ptrdiff_t n, BN_CT m, BN_CT a, BN_CT b, int stream)
+/* The forward's epilogue on one value (see bn_call): v + z (z NULL: none), then relu
+ * (v < 0 gives 0; NaN stays NaN). The loops below take z and relu as arguments and are
+ * inlined into callers that pass constants, so the plain loops carry none of it. */
+static inline BN_CT FN(epi)(BN_CT v, const BN_T *z, int relu)
+{
+    if (z) v += BN_LD(z);
+    if (relu) v = v < 0 ? (BN_CT)0 : v;
+    return v;
+}
+#define BN_ZAT(z, i, st) ((z) ? (z) + (i) * (st) : (z))
+#if BN_SIMD
+/* max(0, v) returns v when v is NaN or -0, as the scalar relu does: the same bits */
+static inline BN_V FN(vepi)(BN_V v, const BN_T *z, int relu)
+{
+    if (z) v = BN_VADD(v, BN_VLD(z));
+    if (relu) v = BN_VMAX(BN_VSET1(0), v);
+    return v;
+}
+#if BN_VMASK
+static inline BN_V FN(vepi_n)(BN_V v, const BN_T *z, int relu, ptrdiff_t r)
+{
+    if (z) v = BN_VADD(v, BN_VLD_N(z, r));
+    if (relu) v = BN_VMAX(BN_VSET1(0), v);
+    return v;
+}
+#endif
+#endif
+
+/* y = epi((x - m) * a + b). In place (y == x, or y == z) is fine: each vector is read before
+ * it is written. */
+BN_ALWAYS_INLINE void FN(run_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
+                                     ptrdiff_t n, BN_CT m, BN_CT a, BN_CT b, int stream,
+                                     const BN_T *z, ptrdiff_t zst, int relu)
 {
     ptrdiff_t i = 0;
     (void)stream; /* non-temporal stores need SIMD */
-    if (xst == 1 && yst == 1) {
+    if (xst == 1 && yst == 1 && (!z || zst == 1)) {
 #if BN_SIMD
         BN_V vm = BN_VSET1(m), va = BN_VSET1(a), vb = BN_VSET1(b);
         stream = stream && BN_CAN_STREAM;
         for (; stream && i < n && BN_MISALIGNED(y + i); ++i)
-            BN_ST(y + i, BN_SFMA(BN_LD(x + i) - m, a, b));
+            BN_ST(y + i, FN(epi)(BN_SFMA(BN_LD(x + i) - m, a, b), BN_ZAT(z, i, 1), relu));
         for (; i + 2 * BN_W <= n; i += 2 * BN_W) {
-            BN_V y0 = BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), va, vb);
-            BN_V y1 = BN_VFMA(BN_VSUB(BN_VLD(x + i + BN_W), vm), va, vb);
+            BN_V y0 = FN(vepi)(BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), va, vb), BN_ZAT(z, i, 1), relu);
+            BN_V y1 = FN(vepi)(BN_VFMA(BN_VSUB(BN_VLD(x + i + BN_W), vm), va, vb),
+                               BN_ZAT(z, i + BN_W, 1), relu);
             BN_VSTS(stream, y + i, y0), BN_VSTS(stream, y + i + BN_W, y1);
         }
         for (; i + BN_W <= n; i += BN_W)
-            BN_VSTS(stream, y + i, BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), va, vb));
+            BN_VSTS(stream, y + i,
+                    FN(vepi)(BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), va, vb), BN_ZAT(z, i, 1), relu));
 #if BN_VMASK
-        if (i < n) BN_VST_N(y + i, BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), vm), va, vb), n - i);
+        if (i < n)
+            BN_VST_N(y + i,
+                     FN(vepi_n)(BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), vm), va, vb),
+                                BN_ZAT(z, i, 1), relu, n - i),
+                     n - i);
         i = n;
 #endif
-        for (; i < n; ++i) BN_ST(y + i, BN_SFMA(BN_LD(x + i) - m, a, b));
+        for (; i < n; ++i)
+            BN_ST(y + i, FN(epi)(BN_SFMA(BN_LD(x + i) - m, a, b), BN_ZAT(z, i, 1), relu));
 #endif
-        for (; i < n; ++i) BN_ST(y + i, (BN_LD(x + i) - m) * a + b);
+        for (; i < n; ++i) BN_ST(y + i, FN(epi)((BN_LD(x + i) - m) * a + b, BN_ZAT(z, i, 1), relu));
     } else {
-        for (; i < n; ++i) BN_ST(y + i * yst, (BN_LD(x + i * xst) - m) * a + b);
+        for (; i < n; ++i)
+            BN_ST(y + i * yst,
+                  FN(epi)((BN_LD(x + i * xst) - m) * a + b, BN_ZAT(z, i, zst), relu));
     }
 }
 
@@ -345,30 +384,35 @@ static inline void FN(wrap_channels)(BN_CT *coef, int arrays, ptrdiff_t C, ptrdi
  * cols_affine / cols_bwd_dx / cols_scale row by row. */
 #define BN_NEXT_CHANNEL(c, step, C) ((c) = bn_next_channel((c), (step), (C)))
 
-static inline void FN(flat_affine)(const BN_T *x, BN_T *y, ptrdiff_t n, ptrdiff_t C,
-                                   const BN_CT *m, const BN_CT *a, const BN_CT *b, int stream)
+BN_ALWAYS_INLINE void FN(flat_affine)(const BN_T *x, BN_T *y, ptrdiff_t n, ptrdiff_t C,
+                                      const BN_CT *m, const BN_CT *a, const BN_CT *b,
+                                      int stream, const BN_T *z, int relu)
 {
     ptrdiff_t i = 0, c = 0;
     (void)stream;
 #if BN_SIMD
     stream = stream && BN_CAN_STREAM;
     for (; stream && i < n && BN_MISALIGNED(y + i); ++i, BN_NEXT_CHANNEL(c, 1, C))
-        BN_ST(y + i, BN_SFMA(BN_LD(x + i) - m[c], a[c], b[c]));
+        BN_ST(y + i, FN(epi)(BN_SFMA(BN_LD(x + i) - m[c], a[c], b[c]), BN_ZAT(z, i, 1), relu));
     for (; i + BN_W <= n; i += BN_W, BN_NEXT_CHANNEL(c, BN_W, C))
         BN_VSTS(stream, y + i,
-                BN_VFMA(BN_VSUB(BN_VLD(x + i), BN_VLDC(m + c)), BN_VLDC(a + c), BN_VLDC(b + c)));
+                FN(vepi)(BN_VFMA(BN_VSUB(BN_VLD(x + i), BN_VLDC(m + c)), BN_VLDC(a + c),
+                                 BN_VLDC(b + c)),
+                         BN_ZAT(z, i, 1), relu));
 #if BN_VMASK /* the wrapped coefficient arrays hold a whole vector from any channel */
     if (i < n)
         BN_VST_N(y + i,
-                 BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), BN_VLDC(m + c)), BN_VLDC(a + c),
-                         BN_VLDC(b + c)),
+                 FN(vepi_n)(BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), BN_VLDC(m + c)),
+                                    BN_VLDC(a + c), BN_VLDC(b + c)),
+                            BN_ZAT(z, i, 1), relu, n - i),
                  n - i);
     i = n;
 #endif
     for (; i < n; ++i, BN_NEXT_CHANNEL(c, 1, C))
-        BN_ST(y + i, BN_SFMA(BN_LD(x + i) - m[c], a[c], b[c]));
+        BN_ST(y + i, FN(epi)(BN_SFMA(BN_LD(x + i) - m[c], a[c], b[c]), BN_ZAT(z, i, 1), relu));
 #endif
-    for (; i < n; ++i, BN_NEXT_CHANNEL(c, 1, C)) BN_ST(y + i, (BN_LD(x + i) - m[c]) * a[c] + b[c]);
+    for (; i < n; ++i, BN_NEXT_CHANNEL(c, 1, C))
+        BN_ST(y + i, FN(epi)((BN_LD(x + i) - m[c]) * a[c] + b[c], BN_ZAT(z, i, 1), relu));
 }
 
 static inline void FN(flat_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdiff_t n,
@@ -423,11 +467,15 @@ static inline void FN(flat_scale)(const BN_T *dy, BN_T *dx, ptrdiff_t n, ptrdiff
 
 /* The exact path of a wide channel c (see bn_call in internal.h), element by element. */
 static void FN(run_exact_y)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst, ptrdiff_t n,
-                            const bn_call *e, ptrdiff_t c)
+                            const bn_call *e, ptrdiff_t c, const BN_T *z, ptrdiff_t zst)
 {
     ptrdiff_t i;
-    for (i = 0; i < n; ++i)
-        BN_ST(y + i * yst, (BN_CT)bn_exact_y(e, c, (double)BN_LD(x + i * xst)));
+    for (i = 0; i < n; ++i) {
+        double v = bn_exact_y(e, c, (double)BN_LD(x + i * xst));
+        if (z) v += (double)BN_LD(z + i * zst);
+        if (e->relu && v < 0) v = 0.0;
+        BN_ST(y + i * yst, (BN_CT)v);
+    }
 }
 
 static void FN(run_exact_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrdiff_t xst,
@@ -440,34 +488,44 @@ static void FN(run_exact_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrd
                                                 x ? (double)BN_LD(x + i * xst) : 0.0));
 }
 
-/* y[j] = (x[j] - m[j]) * a[j] + b[j] */
-static inline void FN(cols_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
-                                   ptrdiff_t cn, const BN_CT *m, const BN_CT *a, const BN_CT *b,
-                                   int stream)
+/* y[j] = epi((x[j] - m[j]) * a[j] + b[j]) */
+BN_ALWAYS_INLINE void FN(cols_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
+                                      ptrdiff_t cn, const BN_CT *m, const BN_CT *a,
+                                      const BN_CT *b, int stream, const BN_T *z, ptrdiff_t zst,
+                                      int relu)
 {
     ptrdiff_t j = 0;
     (void)stream; /* non-temporal stores need SIMD */
-    if (xst == 1 && yst == 1) {
+    if (xst == 1 && yst == 1 && (!z || zst == 1)) {
 #if BN_SIMD
         stream = stream && BN_CAN_STREAM;
         for (; stream && j < cn && BN_MISALIGNED(y + j); ++j)
-            BN_ST(y + j, BN_SFMA(BN_LD(x + j) - m[j], a[j], b[j]));
+            BN_ST(y + j, FN(epi)(BN_SFMA(BN_LD(x + j) - m[j], a[j], b[j]), BN_ZAT(z, j, 1), relu));
         for (; j + BN_W <= cn; j += BN_W)
-            BN_VSTS(stream, y + j, BN_VFMA(BN_VSUB(BN_VLD(x + j), BN_VLDC(m + j)), BN_VLDC(a + j),
-                                           BN_VLDC(b + j)));
+            BN_VSTS(stream, y + j,
+                    FN(vepi)(BN_VFMA(BN_VSUB(BN_VLD(x + j), BN_VLDC(m + j)), BN_VLDC(a + j),
+                                     BN_VLDC(b + j)),
+                             BN_ZAT(z, j, 1), relu));
 #if BN_VMASK
         if (j < cn) {
             ptrdiff_t r = cn - j;
-            BN_VST_N(y + j, BN_VFMA(BN_VSUB(BN_VLD_N(x + j, r), BN_VLD_N(m + j, r)),
-                                    BN_VLD_N(a + j, r), BN_VLD_N(b + j, r)), r);
+            BN_VST_N(y + j,
+                     FN(vepi_n)(BN_VFMA(BN_VSUB(BN_VLD_N(x + j, r), BN_VLD_N(m + j, r)),
+                                        BN_VLD_N(a + j, r), BN_VLD_N(b + j, r)),
+                                BN_ZAT(z, j, 1), relu, r),
+                     r);
         }
         j = cn;
 #endif
-        for (; j < cn; ++j) BN_ST(y + j, BN_SFMA(BN_LD(x + j) - m[j], a[j], b[j]));
+        for (; j < cn; ++j)
+            BN_ST(y + j, FN(epi)(BN_SFMA(BN_LD(x + j) - m[j], a[j], b[j]), BN_ZAT(z, j, 1), relu));
 #endif
-        for (; j < cn; ++j) BN_ST(y + j, (BN_LD(x + j) - m[j]) * a[j] + b[j]);
+        for (; j < cn; ++j)
+            BN_ST(y + j, FN(epi)((BN_LD(x + j) - m[j]) * a[j] + b[j], BN_ZAT(z, j, 1), relu));
     } else {
-        for (; j < cn; ++j) BN_ST(y + j * yst, (BN_LD(x + j * xst) - m[j]) * a[j] + b[j]);
+        for (; j < cn; ++j)
+            BN_ST(y + j * yst,
+                  FN(epi)((BN_LD(x + j * xst) - m[j]) * a[j] + b[j], BN_ZAT(z, j, zst), relu));
     }
 }
 

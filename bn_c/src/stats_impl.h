@@ -10,9 +10,11 @@
  * bind to the caller's team, as in train_chunks: inside a parallel region the threads share
  * each loop, outside it they run serially. A channel's pieces, and so its results, do not
  * depend on the chunks. */
-static void FN(stats_chunks)(bn_shape s, const BN_T *x, bn_strides xs, ptrdiff_t cc,
-                             double *scratch, ptrdiff_t size, double *mean, double *var)
+static void FN(stats_chunks)(bn_shape s, const BN_T *x, bn_strides xs, const bn_mask *mk,
+                             ptrdiff_t cc, double *scratch, ptrdiff_t size, double *mean,
+                             double *var)
 {
+    double *pcount = mk->m ? scratch + 2 * size : NULL;
     ptrdiff_t c0, u, b;
     for (c0 = 0; c0 < s.channels; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, bn_min(cc, s.channels - c0));
@@ -20,20 +22,26 @@ static void FN(stats_chunks)(bn_shape s, const BN_T *x, bn_strides xs, ptrdiff_t
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
-        for (u = 0; u < t.units; ++u) FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
+        for (u = 0; u < t.units; ++u) {
+            if (pcount)
+                FN(masked_stats_unit)(&t, s, x, xs, mk, u, scratch, scratch + size, pcount);
+            else
+                FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
+        }
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
         for (b = 0; b < blocks; ++b) {
-            bn_merge_moments(&t, s, scratch, scratch + size, mean + c0, var + c0, b);
-            FN(add_references)(&t, s, x, xs, mean + c0, b);
+            bn_merge_moments(&t, s, scratch, scratch + size, pcount, mean + c0, var + c0, b);
+            FN(add_references)(&t, x, xs, mk, mean + c0, b);
         }
     }
 }
 
 int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double *mean,
-                               double *var)
+                               double *var, const bn_options *opt)
 {
+    bn_mask mk;
     bn_tiling t;
     double *scratch;
     ptrdiff_t c, cc, size;
@@ -45,7 +53,7 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
         for (c = 0; c < s.channels; ++c) mean[c] = var[c] = NAN;
         return BN_OK;
     }
-    if (!x) return BN_ERR_ARG;
+    if (!x || bn_mask_of(opt, s, &mk) < 0) return BN_ERR_ARG;
     /* the parts per channel follow from the whole shape, the same for every chunk */
     t = bn_make_tiling(s, 0, s.channels);
     per_channel = 2 * sizeof(double) * (size_t)t.parts;
@@ -56,16 +64,17 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
     }
     if (cc < s.channels) t = bn_make_tiling(s, 0, cc);
     size = t.parts * BN_PART_STRIDE(cc);
-    scratch = (double *)bn_alloc_aligned(sizeof(double) * 2 * (size_t)size);
+    /* partial means and M2, then (masked) the parts' counts */
+    scratch = (double *)bn_alloc_aligned(sizeof(double) * (2 * (size_t)size + (size_t)t.parts));
     if (!scratch) return BN_ERR_NOMEM;
     nt = bn_threads_for(s.outer * s.channels * s.inner, 1, t.units);
     if (nt > 1) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
-        FN(stats_chunks)(s, x, xs, cc, scratch, size, mean, var);
+        FN(stats_chunks)(s, x, xs, &mk, cc, scratch, size, mean, var);
     } else {
-        FN(stats_chunks)(s, x, xs, cc, scratch, size, mean, var);
+        FN(stats_chunks)(s, x, xs, &mk, cc, scratch, size, mean, var);
     }
     bn_free_aligned(scratch);
     return BN_OK;

@@ -9,25 +9,132 @@
  * Traffic: one read of x. */
 #define BN_REDO_BELOW (1.0 / 1024.0)
 
-/* The reference of channel c: its first value (0 if that is not finite). Partial means are
+/* The reference of channel c: its first value (with a mask, its first unmasked value; 0 if
+ * that is not finite). Partial means are
  * stored relative to it, so that Chan's merge of many partials works with numbers at the
  * scale of the spread, not of the mean: at 1e10 + N(0, 1) the partial means themselves
  * carry an error of ulp(1e10) = 2e-6 each, which the merge turned into a relative variance
  * error of 1e-8. The merged mean gets the reference back (add_references). */
-static inline double FN(reference)(bn_shape s, const BN_T *x, bn_strides xs, ptrdiff_t c)
+static inline double FN(reference)(const BN_T *x, bn_strides xs, ptrdiff_t c, const bn_mask *mk)
 {
-    double v = (double)BN_LD(BN_AT(x, xs, 0, c, 0));
-    (void)s;
+    double v = mk && mk->m ? (double)BN_LD(BN_AT(x, xs, mk->ro, c, mk->ri))
+                           : (double)BN_LD(BN_AT(x, xs, 0, c, 0));
     return isfinite(v) ? v : 0.0;
 }
 
 /* The merged means of block b of tiling t (indexed from t->c_begin) are relative to the
  * channels' references: make them absolute. */
-static inline void FN(add_references)(const bn_tiling *t, bn_shape s, const BN_T *x,
-                                      bn_strides xs, double *mean, ptrdiff_t b)
+static inline void FN(add_references)(const bn_tiling *t, const BN_T *x, bn_strides xs,
+                                      const bn_mask *mk, double *mean, ptrdiff_t b)
 {
     ptrdiff_t j, lo = b * BN_MERGE_BLOCK, hi = bn_min(lo + BN_MERGE_BLOCK, t->c_count);
-    for (j = lo; j < hi; ++j) mean[j] += FN(reference)(s, x, xs, t->c_begin + j);
+    for (j = lo; j < hi; ++j) mean[j] += FN(reference)(x, xs, t->c_begin + j, mk);
+}
+
+/* Masked statistics of channel c over a planar unit: sums of d = x - k over the unmasked
+ * positions, taken as runs: rows the mask wholly sets go to run_dev together, as in the
+ * unmasked unit (so an all-true mask gives its bits), and the set runs of other rows one by
+ * one. Returns how many values were summed. */
+static inline double FN(masked_run_dev)(const bn_mask *mk, const BN_T *x, bn_strides xs,
+                                        const bn_unit *w, ptrdiff_t c, double k, double *sd,
+                                        double *sdd)
+{
+    ptrdiff_t o, i, i1, full = 0;
+    double n = 0.0;
+    for (o = w->o0; o <= w->o0 + w->rows; ++o) {
+        int whole = o < w->o0 + w->rows;
+        for (i = w->i0; whole && i < w->i0 + w->len; ++i) whole = BN_MASKED_IN(mk, o, i);
+        if (whole) {
+            ++full;
+            continue;
+        }
+        if (full) /* the whole rows just before o */
+            FN(run_dev)(BN_AT(x, xs, o - full, c, w->i0), xs.outer, full, w->len, xs.inner, k,
+                        sd, sdd);
+        n += (double)(full * w->len), full = 0;
+        for (i = w->i0; o < w->o0 + w->rows && i < w->i0 + w->len; i = i1) {
+            while (i < w->i0 + w->len && !BN_MASKED_IN(mk, o, i)) ++i;
+            for (i1 = i; i1 < w->i0 + w->len && BN_MASKED_IN(mk, o, i1); ++i1) {}
+            if (i1 > i)
+                FN(run_dev)(BN_AT(x, xs, o, c, i), xs.outer, 1, i1 - i, xs.inner, k, sd, sdd);
+            n += (double)(i1 - i);
+        }
+    }
+    return n;
+}
+
+/* The same over an interleaved unit (inner == 1): runs of consecutive unmasked rows. */
+static inline double FN(masked_cols_dev)(const bn_mask *mk, const BN_T *x, bn_strides xs,
+                                         const bn_unit *w, const double *k, double *sd,
+                                         double *sdd)
+{
+    ptrdiff_t o, o1;
+    double n = 0.0;
+    for (o = w->o0; o < w->o0 + w->rows; o = o1) {
+        while (o < w->o0 + w->rows && !BN_MASKED_IN(mk, o, 0)) ++o;
+        for (o1 = o; o1 < w->o0 + w->rows && BN_MASKED_IN(mk, o1, 0); ++o1) {}
+        if (o1 > o)
+            FN(cols_dev_rows)(BN_AT(x, xs, o, w->c0, 0), xs.outer, o1 - o, xs.channel, w->cn, k,
+                              sd, sdd);
+        n += (double)(o1 - o);
+    }
+    return n;
+}
+
+/* The first position of a unit that the mask sets (rows, then inner), or 0 when none. */
+static inline int FN(first_set)(const bn_mask *mk, const bn_unit *w, ptrdiff_t *po,
+                                ptrdiff_t *pi)
+{
+    ptrdiff_t o, i;
+    for (o = w->o0; o < w->o0 + w->rows; ++o)
+        for (i = w->i0; i < w->i0 + w->len; ++i)
+            if (BN_MASKED_IN(mk, o, i)) return *po = o, *pi = i, 1;
+    return 0;
+}
+
+/* Partial statistics of a unit over its unmasked positions (see stats_unit); the unit that
+ * starts the tiling's channels writes its part's count. */
+static inline void FN(masked_stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
+                                         bn_strides xs, const bn_mask *mk, ptrdiff_t u,
+                                         double *pmean, double *pm2, double *pcount)
+{
+    bn_unit w = bn_unit_at(t, s, u);
+    ptrdiff_t j, fo, fi;
+    double n = 0.0;
+    if (!FN(first_set)(mk, &w, &fo, &fi)) {
+        for (j = 0; j < w.cn; ++j) pmean[w.slot + j] = pm2[w.slot + j] = 0.0;
+    } else if (t->planar) {
+        for (j = 0; j < w.cn; ++j) {
+            ptrdiff_t c = w.c0 + j;
+            double k = (double)BN_LD(BN_AT(x, xs, fo, c, fi)), sd = 0.0, sdd = 0.0, m2;
+            n = FN(masked_run_dev)(mk, x, xs, &w, c, k, &sd, &sdd);
+            m2 = sdd - sd * (sd / n);
+            if (m2 < sdd * BN_REDO_BELOW) {
+                k = (double)(BN_CT)(k + sd / n), sd = sdd = 0.0;
+                FN(masked_run_dev)(mk, x, xs, &w, c, k, &sd, &sdd);
+                m2 = sdd - sd * (sd / n);
+            }
+            pmean[w.slot + j] = (k - FN(reference)(x, xs, c, mk)) + sd / n;
+            pm2[w.slot + j] = m2;
+        }
+    } else {
+        double k[BN_MAX_CHANNEL_BLOCK], sd[BN_MAX_CHANNEL_BLOCK], sdd[BN_MAX_CHANNEL_BLOCK];
+        const BN_T *base = BN_AT(x, xs, fo, w.c0, 0);
+        int redo = 0;
+        for (j = 0; j < w.cn; ++j) k[j] = (double)BN_LD(base + j * xs.channel), sd[j] = sdd[j] = 0.0;
+        n = FN(masked_cols_dev)(mk, x, xs, &w, k, sd, sdd);
+        for (j = 0; j < w.cn; ++j) redo |= sdd[j] - sd[j] * (sd[j] / n) < sdd[j] * BN_REDO_BELOW;
+        if (redo) {
+            for (j = 0; j < w.cn; ++j)
+                k[j] = (double)(BN_CT)(k[j] + sd[j] / n), sd[j] = sdd[j] = 0.0;
+            FN(masked_cols_dev)(mk, x, xs, &w, k, sd, sdd);
+        }
+        for (j = 0; j < w.cn; ++j) {
+            pmean[w.slot + j] = (k[j] - FN(reference)(x, xs, w.c0 + j, mk)) + sd[j] / n;
+            pm2[w.slot + j] = sdd[j] - sd[j] * (sd[j] / n);
+        }
+    }
+    if (w.c0 == t->c_begin) pcount[w.k] = n;
 }
 
 static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
@@ -47,7 +154,7 @@ static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
                 FN(run_dev)(base, xs.outer, w.rows, w.len, xs.inner, k, &sd, &sdd);
                 m2 = sdd - sd * (sd / n);
             }
-            pmean[w.slot + j] = (k - FN(reference)(s, x, xs, w.c0 + j)) + sd / n;
+            pmean[w.slot + j] = (k - FN(reference)(x, xs, w.c0 + j, NULL)) + sd / n;
             pm2[w.slot + j] = m2;
         }
     } else {
@@ -64,7 +171,7 @@ static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
             FN(cols_dev_rows)(base, xs.outer, w.rows, xs.channel, w.cn, k, sd, sdd);
         }
         for (j = 0; j < w.cn; ++j) {
-            pmean[w.slot + j] = (k[j] - FN(reference)(s, x, xs, w.c0 + j)) + sd[j] / n;
+            pmean[w.slot + j] = (k[j] - FN(reference)(x, xs, w.c0 + j, NULL)) + sd[j] / n;
             pm2[w.slot + j] = sdd[j] - sd[j] * (sd[j] / n);
         }
     }
@@ -95,27 +202,31 @@ static inline int FN(lossy)(double v)
  * where it is subnormal there loses digits in x - m (compared squared: no square root).
  * With given statistics (n == 0) x is bounded only by its type, |x| <= BN_CT_MAX: x - m
  * rounds to at most BN_CT_MAX while |m| is below half the spacing of numbers there, and may
- * overflow from that |m| on (float32 data near 3e38 and a mean of the other sign). */
+ * overflow from that |m| on (float32 data near 3e38 and a mean of the other sign). Masked
+ * statistics (n = -count) normalize the masked values too: both rules hold. */
 static inline int FN(lossy_spread)(double n, double var, double m)
 {
     const double top = 0.25 * (double)BN_CT_MAX * (double)BN_CT_MAX; /* inf for double */
     const double bottom = (double)BN_CT_MIN * (double)BN_CT_MIN;     /* 0 for double */
-    double s2 = n * var;
-    return ((n > 0.0) & ((s2 > top) | ((s2 != 0.0) & (s2 < bottom)))) |
-           ((n == 0.0) & (fabs(m) >= BN_CT_HALF_ULP_MAX));
+    double s2 = fabs(n) * var;
+    return ((n != 0.0) & ((s2 > top) | ((s2 != 0.0) & (s2 < bottom)))) |
+           ((n <= 0.0) & (fabs(m) >= BN_CT_HALF_ULP_MAX));
 }
 
-/* The per-call context of the elementwise passes (see bn_call); the training backward adds
- * its sums. */
+/* The per-call context of the elementwise passes (see bn_call), with the forward's epilogue
+ * from opt (NULL: none); the training backward adds its sums. */
 static inline bn_call FN(call_of)(bn_shape s, const double *mean, const double *var,
                                   const double *gamma, const double *beta, double eps,
-                                  const int *wide)
+                                  const int *wide, const bn_options *opt)
 {
     bn_call e;
     e.stream = (double)(s.outer * s.channels * s.inner) * sizeof(BN_T) >= BN_STREAM_MIN_BYTES;
     e.wide = wide;
     e.mean = mean, e.var = var, e.gamma = gamma, e.beta = beta, e.eps = eps;
     e.sdy = e.sdyxhat = NULL, e.c_begin = 0, e.n = 0.0;
+    e.z = opt ? opt->residual : NULL, e.relu = opt && opt->activation == BN_ACT_RELU;
+    e.zs.outer = e.zs.channel = e.zs.inner = 0;
+    if (e.z) e.zs = opt->residual_strides;
     return e;
 }
 
@@ -203,10 +314,14 @@ static inline ptrdiff_t FN(same_kind_end)(const BN_CT *m, const BN_CT *a, const 
     return j;
 }
 
-/* y = (x - m) * a + b over a unit (wide channels: bn_exact_y). Traffic: read x, write y. */
-static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
-                                   BN_T *y, bn_strides ys, ptrdiff_t u, const BN_CT *m,
-                                   const BN_CT *a, const BN_CT *b, const bn_call *e)
+/* y = epi((x - m) * a + b) over a unit (wide channels: bn_exact_y), with the epilogue's z
+ * (NULL: none, strides zs) and relu as constants of the caller. Traffic: read x (and z),
+ * write y. */
+BN_ALWAYS_INLINE void FN(affine_unit_epi)(const bn_tiling *t, bn_shape s, const BN_T *x,
+                                          bn_strides xs, BN_T *y, bn_strides ys, ptrdiff_t u,
+                                          const BN_CT *m, const BN_CT *a, const BN_CT *b,
+                                          const bn_call *e, const BN_T *z, bn_strides zs,
+                                          int relu)
 {
     bn_unit w = bn_unit_at(t, s, u);
     ptrdiff_t o, c, j, end;
@@ -214,22 +329,26 @@ static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x
         /* row by row, so that a row's channels are walked in memory order */
         for (o = w.o0; o < w.o0 + w.rows; ++o)
             for (c = w.c0; c < w.c0 + w.cn; ++c) {
+                const BN_T *zr = z ? BN_AT(z, zs, o, c, w.i0) : z;
                 if (*e->wide && FN(wide)(m, a, b, NULL, c))
                     FN(run_exact_y)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
-                                    ys.inner, w.len, e, c);
+                                    ys.inner, w.len, e, c, zr, zs.inner);
                 else
                     FN(run_affine)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
                                    ys.inner, w.len, m[c], a[c], b[c],
-                                   BN_STREAM_RUN(e, BN_AT(y, ys, o, c, w.i0), w.len));
+                                   BN_STREAM_RUN(e, BN_AT(y, ys, o, c, w.i0), w.len), zr,
+                                   zs.inner, relu);
             }
         FN(stream_fence)(e->stream);
         return;
     }
-    if (!*e->wide && FN(flat_rows)(t, s, xs, e->stream) && FN(flat_rows)(t, s, ys, e->stream)) {
+    if (!*e->wide && FN(flat_rows)(t, s, xs, e->stream) && FN(flat_rows)(t, s, ys, e->stream) &&
+        (!z || FN(flat_rows)(t, s, zs, e->stream))) {
         ptrdiff_t n = w.rows * s.channels;
         const BN_T *v = BN_AT(x, xs, w.o0, 0, 0);
         BN_T *r = BN_AT(y, ys, w.o0, 0, 0);
-        FN(flat_affine)(v, r, n, s.channels, m, a, b, BN_STREAM_RUN(e, r, n));
+        FN(flat_affine)(v, r, n, s.channels, m, a, b, BN_STREAM_RUN(e, r, n),
+                        z ? BN_AT(z, zs, w.o0, 0, 0) : z, relu);
         FN(stream_fence)(e->stream);
         return;
     }
@@ -239,18 +358,35 @@ static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x
         int wide = *e->wide && FN(wide)(m, a, b, NULL, w.c0 + j);
         end = *e->wide ? FN(same_kind_end)(m, a, b, NULL, w.c0, j, w.cn) : w.cn;
         for (c = w.c0 + j, o = w.o0; o < w.o0 + w.rows; ++o) {
-            const BN_T *v = BN_AT(x, xs, o, c, 0);
+            const BN_T *v = BN_AT(x, xs, o, c, 0), *zr = z ? BN_AT(z, zs, o, c, 0) : z;
             BN_T *r = BN_AT(y, ys, o, c, 0);
             ptrdiff_t q;
             if (wide)
                 for (q = 0; q < end - j; ++q)
-                    FN(run_exact_y)(v + q * xs.channel, 0, r + q * ys.channel, 0, 1, e, c + q);
+                    FN(run_exact_y)(v + q * xs.channel, 0, r + q * ys.channel, 0, 1, e, c + q,
+                                    z ? zr + q * zs.channel : z, 0);
             else
                 FN(cols_affine)(v, xs.channel, r, ys.channel, end - j, m + c, a + c, b + c,
-                                BN_STREAM_RUN(e, r, end - j));
+                                BN_STREAM_RUN(e, r, end - j), zr, zs.channel, relu);
         }
     }
     FN(stream_fence)(e->stream);
+}
+
+/* The four epilogues, each its own inlined loop: the plain one carries none of the others. */
+static inline void FN(affine_unit)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
+                                   BN_T *y, bn_strides ys, ptrdiff_t u, const BN_CT *m,
+                                   const BN_CT *a, const BN_CT *b, const bn_call *e)
+{
+    const BN_T *z = (const BN_T *)e->z;
+    if (!z && !e->relu)
+        FN(affine_unit_epi)(t, s, x, xs, y, ys, u, m, a, b, e, NULL, e->zs, 0);
+    else if (!z)
+        FN(affine_unit_epi)(t, s, x, xs, y, ys, u, m, a, b, e, NULL, e->zs, 1);
+    else if (!e->relu)
+        FN(affine_unit_epi)(t, s, x, xs, y, ys, u, m, a, b, e, z, e->zs, 0);
+    else
+        FN(affine_unit_epi)(t, s, x, xs, y, ys, u, m, a, b, e, z, e->zs, 1);
 }
 
 /* Partial sums of dy and dy * (x - mean) of a unit. Traffic: read dy and x. */
@@ -345,4 +481,89 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
         }
     }
     FN(stream_fence)(e->stream);
+}
+
+/* dx over a unit of a masked training backward: positions the mask sets get the training
+ * gradient (as in bwd_dx_unit), the others a*dy, their x being in no statistic (wide
+ * channels: bn_exact_dx, trained or frozen alike). Runs of set and unset positions. */
+static inline void FN(masked_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *dy,
+                                      bn_strides dys, const BN_T *x, bn_strides xs, BN_T *dx,
+                                      bn_strides dxs, ptrdiff_t u, const BN_CT *m,
+                                      const BN_CT *a, const BN_CT *b, const BN_CT *c,
+                                      const bn_call *e, const bn_mask *mk)
+{
+    bn_unit w = bn_unit_at(t, s, u);
+    bn_call frozen = *e;
+    ptrdiff_t o, k, i, i1, j, end, q;
+    frozen.sdy = NULL;
+    if (t->planar) {
+        for (o = w.o0; o < w.o0 + w.rows; ++o)
+            for (k = w.c0; k < w.c0 + w.cn; ++k) {
+                int wide = *e->wide && FN(wide)(m, a, b, c, k);
+                for (i = w.i0; i < w.i0 + w.len; i = i1) {
+                    int set = BN_MASKED_IN(mk, o, i);
+                    const BN_T *g = BN_AT(dy, dys, o, k, i), *v = BN_AT(x, xs, o, k, i);
+                    BN_T *d = BN_AT(dx, dxs, o, k, i);
+                    for (i1 = i + 1; i1 < w.i0 + w.len && BN_MASKED_IN(mk, o, i1) == set; ++i1) {}
+                    if (wide)
+                        FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, i1 - i,
+                                         set ? e : &frozen, k);
+                    else if (set)
+                        FN(run_bwd_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, i1 - i, m[k],
+                                       a[k], b[k], c[k], BN_STREAM_RUN(e, d, i1 - i));
+                    else
+                        FN(run_scale)(g, dys.inner, d, dxs.inner, i1 - i, a[k],
+                                      BN_STREAM_RUN(e, d, i1 - i));
+                }
+            }
+        FN(stream_fence)(e->stream);
+        return;
+    }
+    for (j = 0; j < w.cn; j = end) {
+        int wide = *e->wide && FN(wide)(m, a, b, c, w.c0 + j);
+        end = *e->wide ? FN(same_kind_end)(m, a, b, c, w.c0, j, w.cn) : w.cn;
+        for (k = w.c0 + j, o = w.o0; o < w.o0 + w.rows; ++o) {
+            int set = BN_MASKED_IN(mk, o, 0);
+            const BN_T *g = BN_AT(dy, dys, o, k, 0), *v = BN_AT(x, xs, o, k, 0);
+            BN_T *d = BN_AT(dx, dxs, o, k, 0);
+            if (wide)
+                for (q = 0; q < end - j; ++q)
+                    FN(run_exact_dx)(g + q * dys.channel, 0, v + q * xs.channel, 0,
+                                     d + q * dxs.channel, 0, 1, set ? e : &frozen, k + q);
+            else if (set)
+                FN(cols_bwd_dx)(g, dys.channel, v, xs.channel, d, dxs.channel, end - j, m + k,
+                                a + k, b + k, c + k, BN_STREAM_RUN(e, d, end - j));
+            else
+                FN(cols_scale)(g, dys.channel, d, dxs.channel, end - j, a + k,
+                               BN_STREAM_RUN(e, d, end - j));
+        }
+    }
+    FN(stream_fence)(e->stream);
+}
+
+/* The relu's gradient gate: dz = dy where y <= 0 is false (y > 0, or NaN: PyTorch's
+ * threshold_backward), else +0. A selection, no arithmetic: the same bits on every ISA. */
+static inline void FN(run_gate)(const BN_T *dy, ptrdiff_t dyst, const BN_T *y, ptrdiff_t yst,
+                                BN_T *dz, ptrdiff_t dzst, ptrdiff_t n)
+{
+    ptrdiff_t i;
+    for (i = 0; i < n; ++i) dz[i * dzst] = BN_LD(y + i * yst) <= 0 ? (BN_T)0 : dy[i * dyst];
+}
+
+static inline void FN(gate_unit)(const bn_tiling *t, bn_shape s, const BN_T *dy, bn_strides dys,
+                                 const BN_T *y, bn_strides ys, BN_T *dz, bn_strides dzs,
+                                 ptrdiff_t u)
+{
+    bn_unit w = bn_unit_at(t, s, u);
+    ptrdiff_t o, c;
+    for (o = w.o0; o < w.o0 + w.rows; ++o) {
+        if (!t->planar) {
+            FN(run_gate)(BN_AT(dy, dys, o, w.c0, 0), dys.channel, BN_AT(y, ys, o, w.c0, 0),
+                         ys.channel, BN_AT(dz, dzs, o, w.c0, 0), dzs.channel, w.cn);
+            continue;
+        }
+        for (c = w.c0; c < w.c0 + w.cn; ++c)
+            FN(run_gate)(BN_AT(dy, dys, o, c, w.i0), dys.inner, BN_AT(y, ys, o, c, w.i0),
+                         ys.inner, BN_AT(dz, dzs, o, c, w.i0), dzs.inner, w.len);
+    }
 }

@@ -31,7 +31,7 @@ static void test_known_stats(void)
     bn_strides st = {4, 1, 1};
     double mean[4], var[4];
     int c;
-    CHECK(bn_stats_f32(s, x, st, mean, var) == BN_OK, "stats failed");
+    CHECK(bn_stats_f32(s, x, st, mean, var, NULL) == BN_OK, "stats failed");
     for (c = 0; c < 4; ++c) {
         CHECK(close_to(mean[c], want_mean[c], 1e-15), "mean[%d] = %.17g", c, mean[c]);
         CHECK(close_to(var[c], want_var[c], 1e-15), "var[%d] = %.17g", c, var[c]);
@@ -41,7 +41,7 @@ static void test_known_stats(void)
         const double xt[12] = {4, 3, 1, 5, 4, 4, 2, 6, 7, 1, 0, 9};
         bn_shape s2 = {1, 4, 3};
         bn_strides st2 = {12, 3, 1};
-        CHECK(bn_stats_f64(s2, xt, st2, mean, var) == BN_OK, "stats f64 failed");
+        CHECK(bn_stats_f64(s2, xt, st2, mean, var, NULL) == BN_OK, "stats f64 failed");
         for (c = 0; c < 4; ++c) {
             CHECK(close_to(mean[c], want_mean[c], 1e-15), "planar mean[%d] = %.17g", c, mean[c]);
             CHECK(close_to(var[c], want_var[c], 1e-15), "planar var[%d] = %.17g", c, var[c]);
@@ -59,8 +59,8 @@ static void test_forward_backward(void)
     bn_strides st = {C * I, I, 1};
     int e, c, o, i;
     for (e = 0; e < E; ++e) x[e] = sin(e * 1.3) * 3 + e % 4, dy[e] = cos(e * 0.7);
-    CHECK(bn_forward_train_f64(s, x, st, y, st, gamma, beta, eps, mean, var) == BN_OK, "fwd");
-    CHECK(bn_backward_f64(s, dy, st, x, st, dx, st, mean, var, gamma, eps, 1, dgamma, dbeta) ==
+    CHECK(bn_forward_train_f64(s, x, st, y, st, gamma, beta, eps, mean, var, NULL) == BN_OK, "fwd");
+    CHECK(bn_backward_f64(s, dy, st, x, st, dx, st, mean, var, gamma, eps, 1, dgamma, dbeta, NULL) ==
               BN_OK,
           "bwd");
     for (c = 0; c < C; ++c) {
@@ -96,15 +96,15 @@ static void test_thread_determinism(void)
     bn_strides s_nchw = {C * I, I, 1}, s_nhwc = {C, 1, 1};
     for (e = 0; e < E; ++e) x[e] = (float)(1000 + sin((double)e) * 10);
     bn_set_num_threads(1);
-    bn_forward_train_f32(nchw, x, s_nchw, y1, s_nchw, NULL, NULL, 1e-5, m1, v1);
+    bn_forward_train_f32(nchw, x, s_nchw, y1, s_nchw, NULL, NULL, 1e-5, m1, v1, NULL);
     bn_set_num_threads(3);
-    bn_forward_train_f32(nchw, x, s_nchw, y3, s_nchw, NULL, NULL, 1e-5, m3, v3);
+    bn_forward_train_f32(nchw, x, s_nchw, y3, s_nchw, NULL, NULL, 1e-5, m3, v3, NULL);
     CHECK(memcmp(m1, m3, sizeof m1) == 0 && memcmp(v1, v3, sizeof v1) == 0, "nchw stats differ");
     CHECK(memcmp(y1, y3, E * sizeof(float)) == 0, "nchw output differs");
     bn_set_num_threads(1);
-    bn_forward_train_f32(nhwc, x, s_nhwc, y1, s_nhwc, NULL, NULL, 1e-5, m1, v1);
+    bn_forward_train_f32(nhwc, x, s_nhwc, y1, s_nhwc, NULL, NULL, 1e-5, m1, v1, NULL);
     bn_set_num_threads(3);
-    bn_forward_train_f32(nhwc, x, s_nhwc, y3, s_nhwc, NULL, NULL, 1e-5, m3, v3);
+    bn_forward_train_f32(nhwc, x, s_nhwc, y3, s_nhwc, NULL, NULL, 1e-5, m3, v3, NULL);
     CHECK(memcmp(m1, m3, sizeof m1) == 0 && memcmp(v1, v3, sizeof v1) == 0, "nhwc stats differ");
     CHECK(memcmp(y1, y3, E * sizeof(float)) == 0, "nhwc output differs");
     bn_set_num_threads(0);
@@ -119,7 +119,7 @@ static void test_constant_channel(void)
     bn_strides st = {1, 1, 1};
     int e;
     for (e = 0; e < 64; ++e) x[e] = 1e7 + 0.1;
-    bn_forward_train_f64(s, x, st, y, st, NULL, beta, 1e-5, mean, var);
+    bn_forward_train_f64(s, x, st, y, st, NULL, beta, 1e-5, mean, var, NULL);
     CHECK(var[0] == 0.0, "var of a constant = %g", var[0]);
     for (e = 0; e < 64; ++e) CHECK(y[e] == 0.25, "y[%d] = %.17g", e, y[e]);
 }
@@ -134,14 +134,14 @@ static void test_zero_variance_eps0(void)
     bn_strides sp = {80, 40, 1}, sr = {2, 1, 1};
     int e;
     for (e = 0; e < 40; ++e) x[e] = 0.1f, x[40 + e] = (float)e;
-    bn_forward_train_f32(planar, x, sp, y, sp, NULL, beta, 0.0, mean, var);
+    bn_forward_train_f32(planar, x, sp, y, sp, NULL, beta, 0.0, mean, var, NULL);
     CHECK(var[0] == 0.0, "planar var of a constant = %g", var[0]);
     for (e = 0; e < 40; ++e) {
         CHECK(y[e] == 0.25f, "planar y[%d] = %.9g", e, y[e]);
         CHECK(close_to(y[40 + e], (e - 19.5) / sqrt(var[1]) - 0.5, 1e-6), "planar y[%d]", 40 + e);
     }
     for (e = 0; e < 40; ++e) x[2 * e] = 0.1f, x[2 * e + 1] = (float)e;
-    bn_forward_train_f32(rows, x, sr, y, sr, NULL, beta, 0.0, mean, var);
+    bn_forward_train_f32(rows, x, sr, y, sr, NULL, beta, 0.0, mean, var, NULL);
     for (e = 0; e < 40; ++e) {
         CHECK(y[2 * e] == 0.25f, "interleaved y[%d] = %.9g", 2 * e, y[2 * e]);
         CHECK(close_to(y[2 * e + 1], (e - 19.5) / sqrt(var[1]) - 0.5, 1e-6), "interleaved");
@@ -161,19 +161,19 @@ static void test_backward_total(void)
     bn_strides st = {C * I, I, 1};
     int e, c;
     for (e = 0; e < E; ++e) x[e] = (float)(sin(e * 1.3) * 3 + e % 4), dy[e] = (float)cos(e * 0.7);
-    CHECK(bn_stats_f32(s, x, st, mean, var) == BN_OK, "stats");
-    CHECK(bn_backward_f32(s, dy, st, x, st, dx, st, mean, var, gamma, eps, 1, dg, db) == BN_OK,
+    CHECK(bn_stats_f32(s, x, st, mean, var, NULL) == BN_OK, "stats");
+    CHECK(bn_backward_f32(s, dy, st, x, st, dx, st, mean, var, gamma, eps, 1, dg, db, NULL) == BN_OK,
           "bwd");
     CHECK(bn_backward_total_f32(s, dy, st, x, st, dxp, st, mean, var, gamma, eps, N * I, db, dg) ==
               BN_OK,
           "total, one part");
     for (e = 0; e < E; ++e) CHECK(dxp[e] == dx[e], "one part: dx[%d] %.9g != %.9g", e, dxp[e], dx[e]);
     /* two parts */
-    CHECK(bn_backward_f32(s0, dy, st, x, st, NULL, st, mean, var, gamma, eps, 0, dg1, db1) == BN_OK,
+    CHECK(bn_backward_f32(s0, dy, st, x, st, NULL, st, mean, var, gamma, eps, 0, dg1, db1, NULL) == BN_OK,
           "part 0 sums");
     for (c = 0; c < C; ++c) sdy[c] = db1[c], sdyxhat[c] = dg1[c];
     CHECK(bn_backward_f32(s1, dy + N0 * C * I, st, x + N0 * C * I, st, NULL, st, mean, var, gamma,
-                          eps, 0, dg1, db1) == BN_OK,
+                          eps, 0, dg1, db1, NULL) == BN_OK,
           "part 1 sums");
     for (c = 0; c < C; ++c) sdy[c] += db1[c], sdyxhat[c] += dg1[c];
     CHECK(bn_backward_total_f32(s0, dy, st, x, st, dxp, st, mean, var, gamma, eps, N * I, sdy,

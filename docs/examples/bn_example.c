@@ -11,7 +11,7 @@ int main(void) {
     /* (N, D) as (outer, channels, inner) = (N, D, 1); strides in elements */
     bn_shape s = {3, 4, 1};
     bn_strides st = {4, 1, 1};
-    int rc = bn_forward_train_f64(s, &x[0][0], st, &y[0][0], st, NULL, NULL, 0.0, mean, var);
+    int rc = bn_forward_train_f64(s, &x[0][0], st, &y[0][0], st, NULL, NULL, 0.0, mean, var, NULL);
     if (rc != BN_OK) {
         fprintf(stderr, "bn_forward_train_f64 failed: %d\n", rc);
         return 1;

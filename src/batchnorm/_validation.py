@@ -44,8 +44,9 @@ def not_masked(a: Any, name: str) -> None:
     """numpy.ma arrays would lose their mask silently: refused, saying what to do."""
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(
-            f"{name} is a numpy.ma.MaskedArray, whose mask batchnorm would ignore (masks are "
-            f"not supported); pass {name}.filled(value), or {name}.data to ignore the mask")
+            f"{name} is a numpy.ma.MaskedArray, whose mask batchnorm would ignore; pass "
+            f"{name}.filled(value), or {name}.data with a boolean mask= (True where a "
+            f"position counts, one flag per position of all channels) where a function takes one")
 
 
 def as_array(a: Any, name: str) -> np.ndarray:
@@ -169,6 +170,33 @@ def stats_pair(st: Any) -> tuple:
         return st[0], st[1]
     raise TypeError(f"st must be a Stats (mean, var, count) or a (mean, var) pair, got "
                     f"{type(st).__name__}")
+
+
+def mask(m: Any, shape: tuple, axis: int) -> tuple:
+    """A statistics mask for an input of this shape and channel axis, as a boolean array of
+    that shape with length 1 along the channel axis (a view where broadcasting allows), and
+    how many positions it sets (per channel: a mask has no channel axis)."""
+    not_masked(m, "mask")
+    m = as_array(m, "mask")
+    if m.dtype != np.bool_:
+        raise TypeError(f"mask must be a boolean array (True where a position counts in the "
+                        f"statistics), got dtype {m.dtype}")
+    target = shape[:axis] + shape[axis + 1:]
+    try:
+        full = np.broadcast_to(m, target)
+    except ValueError:
+        raise ValueError(f"mask must have the shape of x without its channel axis {axis}, "
+                         f"{target}, or broadcast to it; got {m.shape}") from None
+    return np.expand_dims(full, axis), int(np.count_nonzero(full))
+
+
+def activation(value: Any) -> int:
+    """The code of a fused activation: 0 for None, 1 for "relu"."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and value == "relu":
+        return 1
+    raise ValueError(f"activation must be None or 'relu', got {value!r}")
 
 
 def flag(value: Any, name: str) -> bool:

@@ -33,26 +33,58 @@ typedef struct bn_strides {
     ptrdiff_t outer, channel, inner; /* in elements */
 } bn_strides;
 
-/* count = outer * inner values per channel; mean and biased var (length channels). */
-int bn_stats_f32(bn_shape s, const float *x, bn_strides xs, double *mean, double *var);
-int bn_stats_f64(bn_shape s, const double *x, bn_strides xs, double *mean, double *var);
+/* The variants of a call, all optional: a NULL bn_options (or one zero-filled) is plain batch
+ * normalization. Arrays are typed as the call's x (float, double, or uint16_t half bits).
+ *
+ * mask (stats, forward_train, backward): one byte per (outer, inner) position, strides in
+ *   bytes (mask_strides.channel must be 0: a position counts for every channel or none).
+ *   Statistics are taken over the positions whose byte is nonzero (count: their number);
+ *   every position is still normalized with them; the training backward is the exact
+ *   gradient of that function (masked positions get dx = dy * gamma / sqrt(var + eps)).
+ * residual, activation (forward_train, forward_eval): the epilogue y = act(bn(x) + residual),
+ *   computed in the pass that writes y. residual may be NULL (no sum).
+ * activation with y and dz (backward): dz = dy where the forward's output y > 0 (else 0; NaN
+ *   passes, as PyTorch's threshold_backward does) is written, and the gradients are those of
+ *   batch normalization with dz as the upstream gradient. dz must not overlap dy, x or y;
+ *   dx may be dz. */
+#define BN_ACT_NONE 0
+#define BN_ACT_RELU 1
+typedef struct bn_options {
+    const unsigned char *mask;
+    bn_strides mask_strides;
+    const void *residual;
+    bn_strides residual_strides;
+    int activation;
+    const void *y; /* backward with an activation: the forward's output */
+    bn_strides y_strides;
+    void *dz;
+    bn_strides dz_strides;
+} bn_options;
+
+/* mean and biased var (length channels) over count = outer * inner values per channel (with
+ * a mask: the unmasked ones; a channel with none gets NaN). */
+int bn_stats_f32(bn_shape s, const float *x, bn_strides xs, double *mean, double *var,
+                 const bn_options *opt);
+int bn_stats_f64(bn_shape s, const double *x, bn_strides xs, double *mean, double *var,
+                 const bn_options *opt);
 
 /* Training forward: mean/var <- batch statistics of x, y <- gamma*(x-mean)/sqrt(var+eps)+beta.
- * y may be x itself (same strides): every element is read before it is written. */
+ * y may be x itself (same strides): every element is read before it is written. So may the
+ * residual. */
 int bn_forward_train_f32(bn_shape s, const float *x, bn_strides xs, float *y, bn_strides ys,
                          const double *gamma, const double *beta, double eps, double *mean,
-                         double *var);
+                         double *var, const bn_options *opt);
 int bn_forward_train_f64(bn_shape s, const double *x, bn_strides xs, double *y, bn_strides ys,
                          const double *gamma, const double *beta, double eps, double *mean,
-                         double *var);
+                         double *var, const bn_options *opt);
 
 /* Inference forward with given statistics: y <- gamma*(x-mean)/sqrt(var+eps)+beta. */
 int bn_forward_eval_f32(bn_shape s, const float *x, bn_strides xs, float *y, bn_strides ys,
                         const double *mean, const double *var, const double *gamma,
-                        const double *beta, double eps);
+                        const double *beta, double eps, const bn_options *opt);
 int bn_forward_eval_f64(bn_shape s, const double *x, bn_strides xs, double *y, bn_strides ys,
                         const double *mean, const double *var, const double *gamma,
-                        const double *beta, double eps);
+                        const double *beta, double eps, const bn_options *opt);
 
 /* Backward. dgamma = sum dy*xhat, dbeta = sum dy (either may be NULL).
  * training != 0: dx = gamma/sqrt(var+eps) * (dy - dbeta/n - xhat*dgamma/n), where mean/var
@@ -62,11 +94,11 @@ int bn_forward_eval_f64(bn_shape s, const double *x, bn_strides xs, double *y, b
 int bn_backward_f32(bn_shape s, const float *dy, bn_strides dys, const float *x, bn_strides xs,
                     float *dx, bn_strides dxs, const double *mean, const double *var,
                     const double *gamma, double eps, int training, double *dgamma,
-                    double *dbeta);
+                    double *dbeta, const bn_options *opt);
 int bn_backward_f64(bn_shape s, const double *dy, bn_strides dys, const double *x,
                     bn_strides xs, double *dx, bn_strides dxs, const double *mean,
                     const double *var, const double *gamma, double eps, int training,
-                    double *dgamma, double *dbeta);
+                    double *dgamma, double *dbeta, const bn_options *opt);
 
 /* Training backward of a batch split into parts (one per process, SyncBatchNorm): dx of this
  * part, as bn_backward with training != 0 computes it, but from the sums over the whole batch
@@ -84,28 +116,32 @@ int bn_backward_total_f64(bn_shape s, const double *dy, bn_strides dys, const do
 
 /* Half precision storage, as raw 16-bit patterns: float16 (IEEE binary16) and bfloat16.
  * Computed in float32 with float64 statistics; same semantics as the functions above. */
-int bn_stats_f16(bn_shape s, const uint16_t *x, bn_strides xs, double *mean, double *var);
-int bn_stats_bf16(bn_shape s, const uint16_t *x, bn_strides xs, double *mean, double *var);
+int bn_stats_f16(bn_shape s, const uint16_t *x, bn_strides xs, double *mean, double *var,
+                 const bn_options *opt);
+int bn_stats_bf16(bn_shape s, const uint16_t *x, bn_strides xs, double *mean, double *var,
+                  const bn_options *opt);
 int bn_forward_train_f16(bn_shape s, const uint16_t *x, bn_strides xs, uint16_t *y,
                          bn_strides ys, const double *gamma, const double *beta, double eps,
-                         double *mean, double *var);
+                         double *mean, double *var, const bn_options *opt);
 int bn_forward_train_bf16(bn_shape s, const uint16_t *x, bn_strides xs, uint16_t *y,
                           bn_strides ys, const double *gamma, const double *beta, double eps,
-                          double *mean, double *var);
+                          double *mean, double *var, const bn_options *opt);
 int bn_forward_eval_f16(bn_shape s, const uint16_t *x, bn_strides xs, uint16_t *y,
                         bn_strides ys, const double *mean, const double *var,
-                        const double *gamma, const double *beta, double eps);
+                        const double *gamma, const double *beta, double eps,
+                        const bn_options *opt);
 int bn_forward_eval_bf16(bn_shape s, const uint16_t *x, bn_strides xs, uint16_t *y,
                          bn_strides ys, const double *mean, const double *var,
-                         const double *gamma, const double *beta, double eps);
+                         const double *gamma, const double *beta, double eps,
+                         const bn_options *opt);
 int bn_backward_f16(bn_shape s, const uint16_t *dy, bn_strides dys, const uint16_t *x,
                     bn_strides xs, uint16_t *dx, bn_strides dxs, const double *mean,
                     const double *var, const double *gamma, double eps, int training,
-                    double *dgamma, double *dbeta);
+                    double *dgamma, double *dbeta, const bn_options *opt);
 int bn_backward_bf16(bn_shape s, const uint16_t *dy, bn_strides dys, const uint16_t *x,
                      bn_strides xs, uint16_t *dx, bn_strides dxs, const double *mean,
                      const double *var, const double *gamma, double eps, int training,
-                     double *dgamma, double *dbeta);
+                     double *dgamma, double *dbeta, const bn_options *opt);
 int bn_backward_total_f16(bn_shape s, const uint16_t *dy, bn_strides dys, const uint16_t *x,
                           bn_strides xs, uint16_t *dx, bn_strides dxs, const double *mean,
                           const double *var, const double *gamma, double eps, double n,
