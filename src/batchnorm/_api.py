@@ -30,7 +30,7 @@ __all__ = [
 # --- public functions ---------------------------------------------------------------------
 
 
-def batch_stats(x: Any, axis: int = 1, *, check_finite: bool = False) -> Stats:
+def batch_stats(x: Any, axis: int = 1, *, mask: Any = None, check_finite: bool = False) -> Stats:
     """Per-channel mean and biased variance of a batch.
 
     Parameters
@@ -39,6 +39,10 @@ def batch_stats(x: Any, axis: int = 1, *, check_finite: bool = False) -> Stats:
         The batch; ``axis`` is the channel (feature) axis.
     axis : int, default 1
         1 for (N, D) and (N, C, H, W); -1 for channels-last (N, H, W, C).
+    mask : array_like of bool, optional
+        The positions that count (padding in sequences, variable-length data): the shape of
+        ``x`` without the channel axis, or one that broadcasts to it. Masked-out positions
+        may hold anything, NaN included. See :doc:`variants`.
     check_finite : bool, default False
         Raise ValueError if the input holds NaN or inf (costs one extra pass). By default
         non-finite values propagate to the outputs of their own channel only.
@@ -46,7 +50,8 @@ def batch_stats(x: Any, axis: int = 1, *, check_finite: bool = False) -> Stats:
     Returns
     -------
     Stats
-        ``mean`` and ``var`` (float64, shape (C,)) over all axes but ``axis``, and ``count``.
+        ``mean`` and ``var`` (float64, shape (C,)) over all axes but ``axis``, and ``count``
+        (with a mask: the per-channel counts of unmasked values, an int64 array).
 
     Examples
     --------
@@ -59,8 +64,10 @@ def batch_stats(x: Any, axis: int = 1, *, check_finite: bool = False) -> Stats:
     array([ 14.,   2.,  42., 146.])
     >>> st.count
     3
+    >>> bn.batch_stats(x, mask=[True, True, False]).mean * 2     # the last row left out
+    array([7., 9., 8., 1.])
     """
-    return _kernels.batch_stats(x, axis, check_finite)
+    return _kernels.batch_stats(x, axis, check_finite, -1, mask)
 
 
 def forward_train(
@@ -71,12 +78,16 @@ def forward_train(
     axis: int = 1,
     eps: float = 1e-5,
     out: Optional[np.ndarray] = None,
+    mask: Any = None,
+    activation: Optional[str] = None,
+    residual: Any = None,
     check_finite: bool = False,
 ) -> tuple[np.ndarray, Stats]:
     """Batch normalization in training mode: normalize with the batch's own statistics.
 
     ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` where ``mean`` and ``var`` (biased)
-    are computed per channel from ``x`` itself.
+    are computed per channel from ``x`` itself. With ``residual`` and ``activation`` the
+    result is ``activation(y + residual)``, computed in the same pass.
 
     Parameters
     ----------
@@ -88,6 +99,14 @@ def forward_train(
     eps : float, default 1e-5
     out : ndarray, optional
         Buffer for ``y`` (same shape and dtype as ``x``); may be ``x`` itself.
+    mask : array_like of bool, optional
+        Statistics over the positions where ``mask`` is True only (see :func:`batch_stats`);
+        every position is normalized with them, as Keras 3 does.
+    activation : None or "relu", optional
+        Applied last, in the same pass: ``relu(y + residual)``.
+    residual : array_like, optional
+        Added to the normalized output before the activation (same shape and dtype as
+        ``x``); may be ``out`` itself.
     check_finite : bool, default False
         Raise ValueError if the input holds NaN or inf (costs one extra pass). By default
         non-finite values propagate to the outputs of their own channel only.
@@ -108,8 +127,12 @@ def forward_train(
            [ 1.,  1.]])
     >>> st.mean
     array([ 2., 20.])
+    >>> bn.forward_train(x, eps=0.0, activation="relu", residual=[[0.5, 2.0], [0.5, 2.0]])[0]
+    array([[0. , 1. ],
+           [1.5, 3. ]])
     """
-    return _kernels.forward_train(x, gamma, beta, axis, eps, out, check_finite)
+    return _kernels.forward_train(x, gamma, beta, axis, eps, out, check_finite, -1, mask,
+                                  activation, residual)
 
 
 def forward_eval(
@@ -122,9 +145,14 @@ def forward_eval(
     axis: int = 1,
     eps: float = 1e-5,
     out: Optional[np.ndarray] = None,
+    activation: Optional[str] = None,
+    residual: Any = None,
     check_finite: bool = False,
 ) -> np.ndarray:
     """Batch normalization in inference mode: normalize with given (running) statistics.
+
+    ``y = gamma * (x - mean) / sqrt(var + eps) + beta``, then ``activation(y + residual)``
+    when those are given, in the same pass.
 
     Parameters
     ----------
@@ -135,6 +163,9 @@ def forward_eval(
     axis : int, default 1
     eps : float, default 1e-5
     out : ndarray, optional
+    activation : None or "relu", optional
+    residual : array_like, optional
+        As in :func:`forward_train`.
     check_finite : bool, default False
         Raise ValueError if the input holds NaN or inf (costs one extra pass). By default
         non-finite values propagate to the outputs of their own channel only.
@@ -153,7 +184,8 @@ def forward_eval(
     >>> y
     array([[0.5, 0.5, 0.5, 0.5]])
     """
-    return _kernels.forward_eval(x, mean, var, gamma, beta, axis, eps, out, check_finite)
+    return _kernels.forward_eval(x, mean, var, gamma, beta, axis, eps, out, check_finite, -1,
+                                 activation, residual)
 
 
 def backward(
@@ -166,8 +198,11 @@ def backward(
     eps: float = 1e-5,
     training: bool = True,
     out: Optional[np.ndarray] = None,
+    mask: Any = None,
+    activation: Optional[str] = None,
+    y: Any = None,
     check_finite: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple:
     """Gradients of batch normalization.
 
     With ``training=True`` the statistics are those of the batch (``st`` from
@@ -180,6 +215,13 @@ def backward(
     With ``training=False`` the statistics are constants (inference-mode backward):
     ``dx = dy * gamma / sqrt(var + eps)``.
 
+    With a ``mask`` (training) the statistics were those of the unmasked positions: sums run
+    over every position, ``n`` is the unmasked count, and the terms through the statistics
+    reach only unmasked positions (masked ones get ``dy * gamma / sqrt(var + eps)``): the
+    exact gradient of the masked forward. With ``activation="relu"`` the forward's output
+    ``y`` is needed: ``dz = dy * (y > 0)`` is the gradient of the pre-activation sum (and so
+    of a ``residual``), and the gradients above are taken with ``dz`` in place of ``dy``.
+
     Parameters
     ----------
     dy : array_like, gradient of the loss with respect to y (same shape and dtype as x)
@@ -191,6 +233,12 @@ def backward(
     training : bool, default True
     out : ndarray, optional
         Buffer for ``dx``; may be ``dy`` itself.
+    mask : array_like of bool, optional
+        The forward's mask.
+    activation : None or "relu", optional
+        The forward's activation; then ``y`` is required.
+    y : array_like, optional
+        The forward's output (with an activation).
     check_finite : bool, default False
         Raise ValueError if ``dy`` or ``x`` hold NaN or inf (costs one extra pass). By default
         non-finite values propagate to the outputs of their own channel only.
@@ -199,6 +247,9 @@ def backward(
     -------
     dx : ndarray, same shape and dtype as x
     dgamma, dbeta : ndarray, float64, shape (C,)
+    dz : ndarray, same shape and dtype as x
+        Only with an activation: the gradient of ``bn(x) + residual``, which is the
+        residual's gradient.
 
     Examples
     --------
@@ -210,8 +261,18 @@ def backward(
     >>> dx, dgamma, dbeta = bn.backward(np.ones_like(x), x, st)
     >>> bool(np.abs(dx).max() < 1e-12), dbeta
     (True, array([3., 3.]))
+
+    Behind a ReLU only the positive outputs pass the gradient on:
+
+    >>> y, st = bn.forward_train(x, activation="relu")
+    >>> dx, dgamma, dbeta, dz = bn.backward(np.ones_like(x), x, st, activation="relu", y=y)
+    >>> dz
+    array([[0., 0.],
+           [0., 0.],
+           [1., 1.]])
     """
-    return _kernels.backward(dy, x, st, gamma, axis, eps, training, out, check_finite)
+    return _kernels.backward(dy, x, st, gamma, axis, eps, training, out, check_finite, None,
+                             True, mask, activation, y)
 
 
 def set_num_threads(n: Optional[int]) -> None:

@@ -102,6 +102,9 @@ class BatchNorm:
     renorm_momentum : float, default 0.01
         Weight of the new batch in ``renorm_mean`` and ``renorm_std`` (this package's
         convention: Keras' ``renorm_momentum=0.99`` is 0.01 here).
+    activation : None or "relu", default None
+        Fused epilogue: the layer returns ``relu(bn(x) + residual)``, computed in the pass
+        that writes the output; :meth:`backward` applies the ReLU's gradient first.
 
     Notes
     -----
@@ -144,6 +147,7 @@ class BatchNorm:
         renorm: bool = False,
         renorm_clipping: Optional[dict] = None,
         renorm_momentum: float = 0.01,
+        activation: Optional[str] = None,
     ) -> None:
         c = _validation.integer(num_features, "num_features", "an integer >= 1", low=1)
         dt = np.dtype(dtype)
@@ -165,6 +169,8 @@ class BatchNorm:
         self.renorm = _validation.flag(renorm, "renorm")
         self.renorm_clipping = _renorm_clipping(renorm_clipping, self.renorm)
         self.renorm_momentum = _validation.fraction(renorm_momentum, "renorm_momentum")
+        _validation.activation(activation)
+        self.activation = activation
         if self.renorm and not self.track_running_stats:
             raise ValueError("renorm=True needs track_running_stats=True (r and d come from "
                              "running statistics)")
@@ -335,7 +341,8 @@ class BatchNorm:
 
     def __repr__(self) -> str:
         shown = (("virtual_batch_size",) if self.virtual_batch_size else ()) + (
-            ("renorm", "renorm_clipping", "renorm_momentum") if self.renorm else ())
+            ("renorm", "renorm_clipping", "renorm_momentum") if self.renorm else ()) + (
+            ("activation",) if self.activation else ())
         variants = "".join(f", {k}={getattr(self, k)!r}" for k in shown)
         return (
             f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
@@ -357,8 +364,14 @@ class BatchNorm:
 
     # --- computation --------------------------------------------------------------------
 
-    def __call__(self, x: Any, *, out: Optional[np.ndarray] = None) -> np.ndarray:
+    def __call__(self, x: Any, *, mask: Any = None, residual: Any = None,
+                 out: Optional[np.ndarray] = None) -> np.ndarray:
         """Normalize a batch; see the class docstring for which statistics are used.
+
+        ``mask`` (training): the positions that count in the batch statistics, a boolean
+        array of x's shape without the channel axis (or broadcasting to it); every position
+        is normalized. ``residual``: added before the activation (the layer's ``activation``),
+        in the same pass; :meth:`backward` then also returns its gradient.
 
         The parameters and running statistics go to the kernels as they are (in the layer's
         dtype); the route in ``_kernels`` checks ``x`` and ``out`` once.
@@ -368,21 +381,27 @@ class BatchNorm:
         x = _validation.as_array(x, "x")
         saved = None if out is not None and np.may_share_memory(out, x) else x
         sample = _sample(x) if saved is not None else None
+        if mask is not None:    # split by rows with x (ghost batches): broadcast up front
+            ax = _validation.channel_axis(self.axis, max(x.ndim, 1))
+            mask = np.squeeze(_validation.mask(mask, x.shape, ax)[0], axis=ax)
         if not self.training and self.track_running_stats:
             y = _kernels.forward_eval(
                 x, self._running_mean, self._running_var, self._gamma, self._beta, self.axis,
-                self.eps, out, self.check_finite, self.num_features,
+                self.eps, out, self.check_finite, self.num_features, self.activation, residual,
             )
             steps = [(_ALL, (self._running_mean, self._running_var), self._gamma,
                       self._frozen_gradient, None)]
+            mask = None         # frozen statistics: the mask changes nothing
         elif self.training and (self.virtual_batch_size or self.renorm):
-            y, steps = self._train_in_steps(x, out)
+            y, steps = self._train_in_steps(x, out, mask, residual)
         else:   # the plain training step, or eval mode without running statistics
-            y, st, grad = self._normalize_batch(x, out)
+            y, st, grad = self._normalize_batch(x, out, mask, residual)
             if self.training and self.track_running_stats:
                 self._commit(self._running_update(self._running_state(), st), stacklevel=3)
             steps = [(_ALL, st, self._gamma, grad, None)]
-        self._saved = (saved, sample, steps)
+        # with an activation backward needs y too, checked as x is
+        kept_y = (y, _sample(y)) if self.activation else None
+        self._saved = (saved, sample, steps, mask, kept_y, residual is not None)
         return y
 
     forward = __call__
@@ -390,23 +409,28 @@ class BatchNorm:
     # The two steps a subclass may change (SyncBatchNorm takes its statistics over all
     # processes): normalizing with the statistics of the batch, and its gradient.
 
-    def _normalize_batch(self, x: np.ndarray, out: Optional[np.ndarray]) -> tuple:
+    def _normalize_batch(self, x: np.ndarray, out: Optional[np.ndarray], mask: Any = None,
+                         residual: Any = None) -> tuple:
         """(y, the statistics used, the method that gives their gradient)."""
         y, st = _kernels.forward_train(
             x, self._gamma, self._beta, self.axis, self.eps, out, self.check_finite,
-            self.num_features,
+            self.num_features, mask, self.activation, residual,
         )
         return y, st, self._batch_gradient
 
     def _batch_gradient(self, dy: Any, x: Optional[np.ndarray], sample: Optional[bytes],
-                        st: Any, gamma: Any, out: Optional[np.ndarray]) -> tuple:
+                        st: Any, gamma: Any, out: Optional[np.ndarray], mask: Any = None,
+                        y: Any = None) -> tuple:
         return _kernels.backward(dy, _check_input(x, sample), st, gamma, self.axis, self.eps,
-                                 True, out, self.check_finite)
+                                 True, out, self.check_finite, None, True, mask,
+                                 self.activation, y)
 
     def _frozen_gradient(self, dy: Any, x: Optional[np.ndarray], sample: Optional[bytes],
-                         st: Any, gamma: Any, out: Optional[np.ndarray]) -> tuple:
+                         st: Any, gamma: Any, out: Optional[np.ndarray], mask: Any = None,
+                         y: Any = None) -> tuple:
         return _kernels.backward(dy, _check_input(x, sample), st, gamma, self.axis, self.eps,
-                                 False, out, self.check_finite)
+                                 False, out, self.check_finite, None, True, None,
+                                 self.activation, y)
 
     # --- ghost batches and batch renormalization ------------------------------------------
 
@@ -423,17 +447,26 @@ class BatchNorm:
                              f"whose last holds one row, which has no batch statistics")
         return [slice(i, min(i + k, n)) for i in range(0, n, k)]
 
-    def _train_in_steps(self, x: np.ndarray, out: Optional[np.ndarray]) -> tuple:
+    def _train_in_steps(self, x: np.ndarray, out: Optional[np.ndarray], mask: Any,
+                        residual: Any) -> tuple:
         """Training on each group of rows in turn (one group without virtual batches), the
         running statistics carried from group to group and stored only when all succeeded."""
         groups = self._groups(x)
-        if out is not None and len(groups) > 1:
-            _validation.output(out, x)
+        if len(groups) > 1:
+            if out is not None:
+                _validation.output(out, x)
+            if residual is not None:
+                residual = _validation.as_array(residual, "residual")
+                if residual.shape != x.shape:
+                    raise ValueError(f"residual must have the shape of x, {x.shape}, got "
+                                     f"{residual.shape}")
         state = self._running_state()
         y, steps = out, []
         for rows in groups:
             xg = x[rows]
-            yg, st, gamma, grad, rd = self._train_step(xg, None if y is None else y[rows], state)
+            yg, st, gamma, grad, rd = self._train_step(
+                xg, None if y is None else y[rows], state, None if mask is None else mask[rows],
+                None if residual is None else residual[rows])
             if y is None:
                 y = yg if len(groups) == 1 else np.empty_like(x, dtype=yg.dtype)
                 if len(groups) > 1:
@@ -444,22 +477,26 @@ class BatchNorm:
         self._commit(state, stacklevel=4)
         return y, steps
 
-    def _train_step(self, x: np.ndarray, out: Optional[np.ndarray],
-                    state: Optional[dict]) -> tuple:
+    def _train_step(self, x: np.ndarray, out: Optional[np.ndarray], state: Optional[dict],
+                    mask: Any = None, residual: Any = None) -> tuple:
         """(y, statistics, the gamma the kernels used, gradient, (r, d) or None), with the
         running statistics ``state`` as the previous groups left them."""
         if not self.renorm:
-            y, st, grad = self._normalize_batch(x, out)
+            y, st, grad = self._normalize_batch(x, out, mask, residual)
             return y, st, self._gamma, grad, None
-        st = _kernels.batch_stats(x, self.axis, self.check_finite, self.num_features)
-        _kernels.training_count(x, _validation.channel_axis(self.axis, x.ndim), st.count)
+        st = _kernels.batch_stats(x, self.axis, self.check_finite, self.num_features, mask)
+        ax = _validation.channel_axis(self.axis, x.ndim)
+        if mask is None:
+            _kernels.training_count(x, ax, st.count)
+        else:
+            _kernels.masked_count(x, ax, _count(st))
         r, d = self._renorm_correction(st, state)
         g = 1.0 if self._gamma is None else self._gamma.astype(np.float64)
         b = 0.0 if self._beta is None else self._beta.astype(np.float64)
         # (xhat * r + d) * gamma + beta = xhat * (r * gamma) + (d * gamma + beta): one pass
         gamma = r * g
         y = _kernels.forward_eval(x, st.mean, st.var, gamma, d * g + b, self.axis, self.eps,
-                                  out, False, self.num_features)
+                                  out, False, self.num_features, self.activation, residual)
         return y, st, gamma, self._batch_gradient, (r, d)
 
     def _renorm_correction(self, st: Stats, state: dict) -> tuple:
@@ -498,7 +535,7 @@ class BatchNorm:
         m = 1.0 / n if self.momentum is None else self.momentum
         if not renorm:
             new = _kernels.running_update(state["running_mean"], state["running_var"], st.mean,
-                                          st.var, st.count, m, self.unbiased_running_var)
+                                          st.var, _count(st), m, self.unbiased_running_var)
             if new is None:
                 return {**state, "not_finite": True}
             return {**state, "running_mean": new[0], "running_var": new[1],
@@ -507,9 +544,9 @@ class BatchNorm:
             var = st.var * (st.count / (st.count - 1)) if self.unbiased_running_var else st.var
             std_running, std_batch = np.sqrt(var + self.eps), np.sqrt(st.var + self.eps)
         moving = _kernels.running_update(state["running_mean"], state["running_std"], st.mean,
-                                         std_running, st.count, m, False)
+                                         std_running, _count(st), m, False)
         tracked = _kernels.running_update(state["renorm_mean"], state["renorm_std"], st.mean,
-                                          std_batch, st.count, self.renorm_momentum, False)
+                                          std_batch, _count(st), self.renorm_momentum, False)
         if moving is None or tracked is None:
             return {**state, "not_finite": True}
         running_var = np.maximum(moving[1].astype(np.float64) ** 2 - self.eps, 0.0)
@@ -530,20 +567,33 @@ class BatchNorm:
         for key, value in state.items():
             setattr(self, key if key == "num_batches_tracked" else "_" + key, value)
 
-    def backward(self, dy: Any, *, out: Optional[np.ndarray] = None) -> np.ndarray:
-        """Gradient with respect to the input of the last forward call.
+    def backward(self, dy: Any, *, out: Optional[np.ndarray] = None) -> Any:
+        """Gradient with respect to the input of the last forward call: dx, or ``(dx, dz)``
+        when that call had a residual (dz, its gradient, is that of ``bn(x) + residual``).
 
         Sets ``grad_gamma`` and ``grad_beta`` (when affine). After a training-mode forward the
-        gradient flows through the batch statistics; after an eval-mode forward they are
-        constants. With ghost batches each group's gradient is that of its own statistics
-        (gamma's and beta's are summed over the groups); with renorm, r and d are constants.
+        gradient flows through the batch statistics (the unmasked positions', with a mask);
+        after an eval-mode forward they are constants. With ghost batches each group's
+        gradient is that of its own statistics (gamma's and beta's are summed over the
+        groups); with renorm, r and d are constants. With an activation the forward's
+        output is read again: modified since, it raises a RuntimeError, as x does.
         """
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
-        x, sample, steps = self._saved
+        x, sample, steps, mask, kept_y, had_residual = self._saved
+        y = None
+        if kept_y is not None:
+            y = kept_y[0]
+            if _sample(y) != kept_y[1]:
+                raise RuntimeError("backward() needs the forward output (for the activation's "
+                                   "gradient), which was modified after the forward call; "
+                                   "call backward before reusing it")
+        dz = None
         if len(steps) == 1:
             _, st, gamma, gradient, rd = steps[0]
-            dx, dgamma, dbeta = gradient(dy, x, sample, st, gamma, out)
+            grads = gradient(dy, x, sample, st, gamma, out, mask, y)
+            dx, dgamma, dbeta = grads[:3]
+            dz = grads[3] if len(grads) == 4 else None
             dgamma = _renorm_dgamma(dgamma, dbeta, rd)
         else:
             x = _check_input(x, sample)
@@ -555,16 +605,31 @@ class BatchNorm:
             dx, dgamma, dbeta = out, 0.0, 0.0
             for rows, st, gamma, gradient, rd in steps:
                 xg = x[rows]
-                dxg, dg, db = gradient(dy[rows], xg, _sample(xg), st, gamma,
-                                       None if dx is None else dx[rows])
+                grads = gradient(dy[rows], xg, _sample(xg), st, gamma,
+                                 None if dx is None else dx[rows],
+                                 None if mask is None else mask[rows],
+                                 None if y is None else y[rows])
                 if dx is None:
-                    dx = np.empty_like(x, dtype=dxg.dtype)
-                    dx[rows] = dxg
-                dgamma, dbeta = dgamma + _renorm_dgamma(dg, db, rd), dbeta + db
+                    dx = np.empty_like(x, dtype=grads[0].dtype)
+                    dx[rows] = grads[0]
+                if len(grads) == 4:
+                    if dz is None:
+                        dz = np.empty_like(dx)
+                    dz[rows] = grads[3]
+                dgamma, dbeta = dgamma + _renorm_dgamma(grads[1], grads[2], rd), dbeta + grads[2]
         if self.affine:
             self.grad_gamma = np.asarray(dgamma).astype(self.dtype, copy=False)
             self.grad_beta = np.asarray(dbeta).astype(self.dtype, copy=False)
-        return dx
+        if not had_residual:
+            return dx
+        # without an activation the sum passes dy on unchanged, as autograd's add does
+        return dx, (dz if dz is not None else _validation.as_array(dy, "dy"))
+
+
+def _count(st: Any) -> int:
+    """The values per channel of statistics from the kernels: masked ones carry per-channel
+    counts, all equal (a mask has no channel axis)."""
+    return int(st.count if np.ndim(st.count) == 0 else st.count[0])
 
 
 # The whole batch, as the one "group" of a call without virtual batches.

@@ -25,8 +25,10 @@ class Stats(NamedTuple):
         Mean of each channel over the batch (and spatial) axes.
     var : ndarray, float64, shape (C,)
         Biased variance (divided by ``count``): the one used to normalize.
-    count : int
-        Number of values per channel (``x.size // C``). An empty batch has count 0 (and
+    count : int, or ndarray of int64, shape (C,)
+        Number of values per channel (``x.size // C``); with a mask, the per-channel counts
+        of unmasked values (equal across channels, as a mask has no channel axis). An empty
+        batch has count 0 (and
         mean 0, var 0): it adds nothing in :func:`merge_stats`.
 
     Examples
@@ -45,26 +47,34 @@ class Stats(NamedTuple):
 
     def unbiased_var(self) -> np.ndarray:
         """Variance divided by ``count - 1`` (PyTorch's running-variance convention)."""
-        if self.count < 2:
+        n = np.asarray(self.count)
+        if (n < 2).any():
             raise ValueError(f"the unbiased variance needs count >= 2, got count={self.count}")
-        return self.var * (self.count / (self.count - 1))
+        return self.var * (n / (n - 1))
 
 
 def _part(st: Any, i: int) -> tuple:
-    """(mean, var, count) of argument i, checked: float64 vectors and an int count >= 0."""
+    """(mean, var, count) of argument i, checked: float64 vectors and a count >= 0, an int or
+    per-channel integers (masked statistics)."""
     if not isinstance(st, tuple) or len(st) != 3:
         hint = (" (to merge a list of Stats, unpack it: merge_stats(*parts))"
                 if isinstance(st, (list, tuple)) and st and isinstance(st[0], tuple) else "")
         raise TypeError(f"merge_stats: argument {i} must be a Stats or a (mean, var, count) "
                         f"tuple, got {type(st).__name__}{hint}")
     mean, var, count = st
-    n = _validation.integer(count, f"merge_stats: argument {i}'s count", "an integer >= 0",
-                            low=0)
     mean = np.asarray(mean)
     c = mean.shape[0] if mean.ndim == 1 else -1
     if c < 0:
         raise ValueError(f"merge_stats: argument {i} has mean of shape {mean.shape}; "
                          f"expected (C,)")
+    if isinstance(count, np.ndarray) and count.ndim == 1:
+        if count.shape != (c,) or count.dtype.kind not in "iu" or (count < 0).any():
+            raise ValueError(f"merge_stats: argument {i}'s count must be an integer >= 0 or "
+                             f"{c} per-channel integers >= 0, got {count!r}")
+        n = count.astype(np.int64)
+    else:
+        n = _validation.integer(count, f"merge_stats: argument {i}'s count",
+                                "an integer >= 0", low=0)
     mean = _validation.vector(mean, c, f"argument {i}: mean")
     var = _validation.vector(var, c, f"argument {i}: var")
     if (var < 0).any():
@@ -120,10 +130,13 @@ def merge_stats(*stats: Any) -> Stats:
     total = sum(n for _, _, n in parts)
     if len(parts) == 1:
         m, v, n = parts[0]
+        if np.ndim(n):
+            return Stats(np.where(n > 0, m, 0.0), np.where(n > 0, v, 0.0), n.copy())
         return Stats(m.copy(), v.copy(), n) if n else Stats(np.zeros(c), np.zeros(c), 0)
     from . import _kernels      # compiled; imported here, as _kernels imports this module
 
-    mean, var = _kernels.merge_parts(np.array([float(n) for _, _, n in parts]),
-                                     np.stack([m for m, _, _ in parts]),
+    counts = np.array([np.broadcast_to(np.asarray(n, dtype=np.float64), (c,))
+                       for _, _, n in parts]) if c else np.zeros((len(parts), 0))
+    mean, var = _kernels.merge_parts(counts, np.stack([m for m, _, _ in parts]),
                                      np.stack([v for _, v, _ in parts]))
     return Stats(mean, var, total)

@@ -86,7 +86,7 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features: int, comm: Any, **kwargs: Any) -> None:
-        for variant in ("virtual_batch_size", "renorm", "renorm_clipping"):
+        for variant in ("virtual_batch_size", "renorm", "renorm_clipping", "activation"):
             if kwargs.get(variant):
                 raise NotImplementedError(f"SyncBatchNorm does not take {variant} (yet): "
                                           f"its statistics are those of all ranks' batches")
@@ -151,7 +151,11 @@ class SyncBatchNorm(BatchNorm):
 
     # --- training: the statistics and the gradient of the whole batch -------------------
 
-    def __call__(self, x: Any, *, out: Optional[np.ndarray] = None) -> np.ndarray:
+    def __call__(self, x: Any, *, mask: Any = None, residual: Any = None,
+                 out: Optional[np.ndarray] = None) -> np.ndarray:
+        if mask is not None or residual is not None:    # refused alike on every rank
+            raise NotImplementedError("SyncBatchNorm does not take a mask or a residual (yet): "
+                                      "its statistics are those of all ranks' batches")
         if self.training:
             try:
                 x = _validation.as_array(x, "x")
@@ -161,7 +165,8 @@ class SyncBatchNorm(BatchNorm):
 
     forward = __call__
 
-    def _normalize_batch(self, x: np.ndarray, out: Optional[np.ndarray]) -> tuple:
+    def _normalize_batch(self, x: np.ndarray, out: Optional[np.ndarray], mask: Any = None,
+                         residual: Any = None) -> tuple:
         if not self.training:   # eval without running statistics: this rank's batch alone
             return super()._normalize_batch(x, out)
         C = self.num_features
@@ -175,7 +180,8 @@ class SyncBatchNorm(BatchNorm):
             error = e
         recv = self._exchange(send, error)
         # merge_stats' arithmetic, on the rows as they came (checked by each rank's kernel)
-        mean, var = _kernels.merge_parts(recv[:, 1], recv[:, 2:C + 2], recv[:, C + 2:])
+        counts = np.broadcast_to(recv[:, 1:2], (recv.shape[0], C))
+        mean, var = _kernels.merge_parts(counts, recv[:, 2:C + 2], recv[:, C + 2:])
         st = Stats(mean, var, int(recv[:, 1].sum()))
         if st.count < 2:
             raise ValueError(
@@ -186,7 +192,8 @@ class SyncBatchNorm(BatchNorm):
         return y, st, self._sync_gradient
 
     def _sync_gradient(self, dy: Any, x: Optional[np.ndarray], sample: Optional[bytes],
-                       st: Stats, gamma: Any, out: Optional[np.ndarray]) -> tuple:
+                       st: Stats, gamma: Any, out: Optional[np.ndarray], mask: Any = None,
+                       y: Any = None) -> tuple:
         C = self.num_features
         send, error = np.zeros(2 * C + 1), None
         try:
