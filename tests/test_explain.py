@@ -64,6 +64,7 @@ def test_unknown_command_fails():
 import numpy as np  # noqa: E402
 
 import batchnorm as bn  # noqa: E402
+from batchnorm import reference  # noqa: E402
 from batchnorm import _explain  # noqa: E402
 
 BATCH = np.array([[4, 5, 2, 1], [3, 4, 6, 0], [1, 4, 7, 9]], dtype=np.float64)
@@ -233,7 +234,9 @@ def test_split_statistics_right_and_wrong():
                    "mpiexec -n 2 python -m batchnorm explain --processes"]),
     ("variants", ["rows 1-2: mean (3.5, 4.5, 4, 0.5)  var (0.25, 0.25, 4, 0.25)",
                   "num_batches_tracked after one call: 2",
-                  "d = (mean - renorm_mean) / renorm_std, in [-1, 1]: (1, 1, 1, 1)"]),
+                  "d = (mean - renorm_mean) / renorm_std, in [-1, 1]: (1, 1, 1, 1)",
+                  "statistics of rows 1-3 only: mean (2.67, 4.33, 5, 3.33)",
+                  "dz row 1 (1, 1, 0, 0)"]),
 ])
 def test_topic_prints_the_numbers(capsys, topic, lines):
     from batchnorm._explain import main
@@ -258,6 +261,19 @@ def test_variant_numbers_are_the_layers():
         assert np.array_equal(v["y_ghost"][rows], y)
         np.testing.assert_allclose(v["groups"][i].var, st.var)
     assert v["tracked"] == 2 and not np.allclose(v["y_ghost"], v["y_whole"])
+    # the mask: the statistics of the unmasked rows; every row normalized with them
+    m = v["mask"]
+    want = reference.batch_stats(x[m])
+    np.testing.assert_allclose(v["st_masked"].mean, want.mean, rtol=1e-15)
+    np.testing.assert_allclose(v["st_masked"].var, want.var, rtol=1e-14)
+    assert v["st_masked"].count.tolist() == [m.sum()] * x.shape[1]
+    np.testing.assert_allclose(v["y_masked"], reference.forward_eval(x, want.mean, want.var,
+                                                                     eps=0.0), rtol=1e-14)
+    # the epilogue: relu(bn(x) + 0.5), and the relu's gradient gate
+    y_plain, _ = reference.forward_train(x, eps=0.0)
+    np.testing.assert_allclose(v["y_fused"], np.maximum(y_plain + 0.5, 0.0), rtol=1e-14,
+                               atol=1e-15)
+    assert np.array_equal(v["dz"], (v["y_fused"] > 0).astype(float))
     # renorm: within its limits, and y = (xhat * r + d) for gamma 1, beta 0
     assert v["r"].max() <= 1.5 and np.abs(v["d"]).max() <= 1.0
     np.testing.assert_allclose(v["y_renorm"], v["y_plain"] * v["r"] + v["d"], rtol=1e-14)

@@ -16,8 +16,9 @@ Topics (``--topic``, all by default):
 * ``params``: the 4C numbers a BN layer stores (2C trainable).
 * ``bias``: a bias just before BN changes nothing and gets no gradient.
 * ``processes``: the statistics of a batch split over processes, merged right and wrong.
-* ``variants``: ghost batches (each group of rows its own statistics) and batch
-  renormalization (r and d, from the running statistics, correct the batch's).
+* ``variants``: ghost batches (each group of rows its own statistics), batch
+  renormalization (r and d, from the running statistics, correct the batch's), masks
+  (padding left out of the statistics) and the fused ``relu(bn(x) + residual)``.
 """
 
 from __future__ import annotations
@@ -442,14 +443,24 @@ def variant_numbers() -> dict:
                                                 rmax=1.5, dmax=1.0)
     y_renorm = renorm(second)
     y_plain, _ = forward_train(second, eps=0.0)
+    # a mask: row 4 taken as padding, left out of the statistics but still normalized
+    mask = np.array([True, True, True, False])
+    y_masked, st_masked = forward_train(x, eps=0.0, mask=mask)
+    st_padded = batch_stats(x)
+    # the fused epilogue relu(bn(x) + z), and the gradient the relu lets through
+    z = np.full_like(x, 0.5)
+    y_fused, st_fused = forward_train(x, eps=0.0, activation="relu", residual=z)
+    dz = backward(np.ones_like(x), x, st_fused, eps=0.0, activation="relu", y=y_fused)[3]
     return dict(x=x, groups=groups, y_ghost=y_ghost, y_whole=whole,
                 tracked=ghost.num_batches_tracked, renorm_mean=before[0],
-                renorm_std=before[1], r=r, d=d, y_renorm=y_renorm, y_plain=y_plain)
+                renorm_std=before[1], r=r, d=d, y_renorm=y_renorm, y_plain=y_plain,
+                mask=mask, st_masked=st_masked, st_padded=st_padded, y_masked=y_masked,
+                y_fused=y_fused, dz=dz)
 
 
 def explain_variants(out: Out = print) -> dict:
     v = variant_numbers()
-    out("VARIANTS: GHOST BATCHES AND BATCH RENORMALIZATION")
+    out("VARIANTS: GHOST BATCHES, BATCH RENORMALIZATION, MASKS, FUSED EPILOGUES")
     out(f"The default mini-batch plus the example row, {v['x'].shape}, eps = 0.")
     out("Ghost batch norm, BatchNorm(4, virtual_batch_size=2): each group of 2 rows is "
         "normalized")
@@ -473,6 +484,20 @@ def explain_variants(out: Out = print) -> dict:
     out("which is why training starts with loose limits and widens them.)")
     out("r and d are constants for the gradient; inference uses running_mean and running_var")
     out("as always (running_var = running_std^2 - eps, from the averaged standard deviation).")
+    out("Masked batch norm, forward_train(x, mask=[True, True, True, False]): row 4 is "
+        "padding;")
+    out(f"  statistics of rows 1-3 only: mean {fmt(v['st_masked'].mean, 3)}  var "
+        f"{fmt(v['st_masked'].var, 3)}")
+    out(f"  (with the padding counted: mean {fmt(v['st_padded'].mean, 3)}), count "
+        f"{fmt(v['st_masked'].count, 3)} per channel;")
+    out(f"  every row is normalized with them, the padding too: row 4 {fmt(v['y_masked'][3], 3)}")
+    out("  backward(..., mask=) gives the padding no gradient through the statistics.")
+    out("Fused epilogue, forward_train(x, activation='relu', residual=z) with z = 0.5: "
+        "relu(bn(x) + z)")
+    out(f"  in the pass that writes y: row 1 {fmt(v['y_fused'][0], 3)}, row 3 "
+        f"{fmt(v['y_fused'][2], 3)}")
+    out(f"  backward(dy = 1, ..., activation='relu', y=y) passes dy where y > 0: dz row 1 "
+        f"{fmt(v['dz'][0], 3)}")
     return v
 
 
