@@ -26,6 +26,13 @@ with the host's).
 UserLayerVariants.time_*: the training call and backward of a layer with ``renorm=True`` or
 ``virtual_batch_size=N/4``.
 
+UserMaskedFused.time_*: the masked and fused calls: ``forward_train`` and ``backward`` with a
+random mask (70% of positions set), ``forward_train`` and ``forward_eval`` with
+``activation="relu"`` and with ``residual=z`` too, and ``backward`` through the relu.
+EpilogueRatios.track_ratio_to_plain: each fused call over the plain call (interleaved, one
+thread, writing into ``out=``), and the same epilogue written in NumPy after the plain call
+(``np.add``, ``np.maximum`` in place): what fusing saves. The performance page quotes them.
+
 CallOverhead: ``bn.forward_eval`` on a (4, 4) float32 array, float32 vectors, allocating (the
 user's call) and with ``out=``, next to ``np.multiply(x, 2.0, out=y)`` on the same array, the
 cheapest NumPy call that reads x and writes y. track_ratio_*: the ratio of the two,
@@ -162,6 +169,91 @@ class UserRatios:
 
     def track_ratio_to_copy(self, shape, call):
         return interleaved_ratio(self.call, {"copy": self.copy})
+
+
+# The shapes of the variant suites: per-call (64x128), the MLP layer (256x1024), and a
+# ResNet-50 layer that fits in the last-level cache of neither machine's one core's share.
+VARIANT_SHAPES = ["64x128", "256x1024", "32x64x28x28"]
+
+
+def variant_inputs(shape: str):
+    """user_inputs, plus a mask of 70% of x's positions (no channel axis) and a residual."""
+    x, dy, axis, gamma, beta, mean, var = user_inputs(shape)
+    rng = np.random.default_rng(1)
+    mask = rng.random(np.delete(x.shape, axis)) < 0.7
+    z = rng.standard_normal(x.shape, dtype=np.float32)
+    return x, dy, axis, gamma, beta, mean, var, mask, z
+
+
+class UserMaskedFused:
+    params = [VARIANT_SHAPES, ["masked_train", "masked_backward", "relu_train",
+                               "relu_residual_train", "relu_eval", "relu_residual_eval",
+                               "relu_backward"]]
+    param_names = ["shape", "call"]
+    timeout = 120
+
+    def setup(self, shape, call):
+        bn.set_num_threads(None)
+        x, dy, ax, gamma, beta, mean, var, mask, z = variant_inputs(shape)
+        _, st_m = bn.forward_train(x, gamma, beta, axis=ax, mask=mask)
+        y_r, st_r = bn.forward_train(x, gamma, beta, axis=ax, activation="relu")
+        self.call = {
+            "masked_train": lambda: bn.forward_train(x, gamma, beta, axis=ax, mask=mask),
+            "masked_backward": lambda: bn.backward(dy, x, st_m, gamma, axis=ax, mask=mask),
+            "relu_train": lambda: bn.forward_train(x, gamma, beta, axis=ax, activation="relu"),
+            "relu_residual_train": lambda: bn.forward_train(x, gamma, beta, axis=ax,
+                                                            activation="relu", residual=z),
+            "relu_eval": lambda: bn.forward_eval(x, mean, var, gamma, beta, axis=ax,
+                                                 activation="relu"),
+            "relu_residual_eval": lambda: bn.forward_eval(x, mean, var, gamma, beta, axis=ax,
+                                                          activation="relu", residual=z),
+            "relu_backward": lambda: bn.backward(dy, x, st_r, gamma, axis=ax,
+                                                 activation="relu", y=y_r),
+        }[call]
+
+    def time_call(self, shape, call):
+        self.call()
+
+
+class EpilogueRatios:
+    """Fused epilogues over the plain call, and the NumPy epilogue after it, on one thread
+    with ``out=`` (no page faults in either)."""
+
+    params = [VARIANT_SHAPES, ["train_relu", "train_relu_residual", "train_numpy_epilogue",
+                               "eval_relu", "eval_relu_residual", "eval_numpy_epilogue",
+                               "train_masked"]]
+    param_names = ["shape", "call"]
+    unit = "time / plain call"
+    timeout = 180
+
+    def setup(self, shape, call):
+        bn.set_num_threads(1)
+        x, _, ax, gamma, beta, mean, var, mask, z = variant_inputs(shape)
+        y = apart(x)
+
+        def numpy_epilogue(plain):
+            def run():
+                plain()
+                np.add(y, z, out=y)
+                np.maximum(y, 0, out=y)
+            return run
+
+        train = lambda **kw: lambda: bn.forward_train(x, gamma, beta, axis=ax, out=y, **kw)  # noqa: E731
+        evaluate = lambda **kw: lambda: bn.forward_eval(x, mean, var, gamma, beta, axis=ax,  # noqa: E731
+                                                        out=y, **kw)
+        self.plain = train() if call.startswith("train") else evaluate()
+        self.call = {
+            "train_relu": train(activation="relu"),
+            "train_relu_residual": train(activation="relu", residual=z),
+            "train_numpy_epilogue": numpy_epilogue(train()),
+            "train_masked": train(mask=mask),
+            "eval_relu": evaluate(activation="relu"),
+            "eval_relu_residual": evaluate(activation="relu", residual=z),
+            "eval_numpy_epilogue": numpy_epilogue(evaluate()),
+        }[call]
+
+    def track_ratio_to_plain(self, shape, call):
+        return interleaved_ratio(self.call, {"plain": self.plain})
 
 
 class CallOverhead:

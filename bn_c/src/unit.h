@@ -2,6 +2,9 @@
 #ifndef BN_UNIT_H
 #define BN_UNIT_H
 
+#include <stdint.h>
+#include <string.h>
+
 #include "internal.h"
 
 typedef struct bn_unit {
@@ -40,6 +43,24 @@ static inline bn_unit bn_unit_at(const bn_tiling *t, bn_shape s, ptrdiff_t u)
     w.o0 = ob * t->ob, w.rows = bn_min(t->ob, s.outer - w.o0);
     w.i0 = ib * t->ib, w.len = bn_min(t->ib, s.inner - w.i0);
     return w;
+}
+
+/* How many of the n mask bytes at m (stride step) from the first on are set (set = 1) or
+ * clear (set = 0) in a row: runs of a mask are found eight bytes at a time where the bytes
+ * are contiguous (NumPy's booleans are 0 or 1; any other byte is looked at alone). */
+static inline ptrdiff_t bn_mask_span(const unsigned char *m, ptrdiff_t step, ptrdiff_t n,
+                                     int set)
+{
+    const uint64_t all = set ? UINT64_C(0x0101010101010101) : 0;
+    ptrdiff_t i = 0;
+    uint64_t w;
+    if (step == 1)
+        for (; i + 8 <= n; i += 8) {
+            memcpy(&w, m + i, 8);
+            if (w != all) break;
+        }
+    for (; i < n && (m[i * step] != 0) == set; ++i) {}
+    return i;
 }
 
 /* Element (o, c, i) of an array with strides st. */

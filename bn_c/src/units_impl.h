@@ -39,12 +39,11 @@ static inline double FN(masked_run_dev)(const bn_mask *mk, const BN_T *x, bn_str
                                         const bn_unit *w, ptrdiff_t c, double k, double *sd,
                                         double *sdd)
 {
-    ptrdiff_t o, i, i1, full = 0;
+    ptrdiff_t o, i, len, full = 0;
     double n = 0.0;
     for (o = w->o0; o <= w->o0 + w->rows; ++o) {
-        int whole = o < w->o0 + w->rows;
-        for (i = w->i0; whole && i < w->i0 + w->len; ++i) whole = BN_MASKED_IN(mk, o, i);
-        if (whole) {
+        const unsigned char *mr = o < w->o0 + w->rows ? mk->m + o * mk->mo + w->i0 * mk->mi : NULL;
+        if (mr && bn_mask_span(mr, mk->mi, w->len, 1) == w->len) {
             ++full;
             continue;
         }
@@ -52,12 +51,13 @@ static inline double FN(masked_run_dev)(const bn_mask *mk, const BN_T *x, bn_str
             FN(run_dev)(BN_AT(x, xs, o - full, c, w->i0), xs.outer, full, w->len, xs.inner, k,
                         sd, sdd);
         n += (double)(full * w->len), full = 0;
-        for (i = w->i0; o < w->o0 + w->rows && i < w->i0 + w->len; i = i1) {
-            while (i < w->i0 + w->len && !BN_MASKED_IN(mk, o, i)) ++i;
-            for (i1 = i; i1 < w->i0 + w->len && BN_MASKED_IN(mk, o, i1); ++i1) {}
-            if (i1 > i)
-                FN(run_dev)(BN_AT(x, xs, o, c, i), xs.outer, 1, i1 - i, xs.inner, k, sd, sdd);
-            n += (double)(i1 - i);
+        for (i = 0; mr && i < w->len; i += len) {
+            i += bn_mask_span(mr + i * mk->mi, mk->mi, w->len - i, 0);
+            len = bn_mask_span(mr + i * mk->mi, mk->mi, w->len - i, 1);
+            if (len)
+                FN(run_dev)(BN_AT(x, xs, o, c, w->i0 + i), xs.outer, 1, len, xs.inner, k, sd,
+                            sdd);
+            n += (double)len;
         }
     }
     return n;
@@ -68,15 +68,16 @@ static inline double FN(masked_cols_dev)(const bn_mask *mk, const BN_T *x, bn_st
                                          const bn_unit *w, const double *k, double *sd,
                                          double *sdd)
 {
-    ptrdiff_t o, o1;
+    const unsigned char *mr = mk->m + w->o0 * mk->mo;
+    ptrdiff_t o, len;
     double n = 0.0;
-    for (o = w->o0; o < w->o0 + w->rows; o = o1) {
-        while (o < w->o0 + w->rows && !BN_MASKED_IN(mk, o, 0)) ++o;
-        for (o1 = o; o1 < w->o0 + w->rows && BN_MASKED_IN(mk, o1, 0); ++o1) {}
-        if (o1 > o)
-            FN(cols_dev_rows)(BN_AT(x, xs, o, w->c0, 0), xs.outer, o1 - o, xs.channel, w->cn, k,
-                              sd, sdd);
-        n += (double)(o1 - o);
+    for (o = 0; o < w->rows; o += len) {
+        o += bn_mask_span(mr + o * mk->mo, mk->mo, w->rows - o, 0);
+        len = bn_mask_span(mr + o * mk->mo, mk->mo, w->rows - o, 1);
+        if (len)
+            FN(cols_dev_rows)(BN_AT(x, xs, w->o0 + o, w->c0, 0), xs.outer, len, xs.channel,
+                              w->cn, k, sd, sdd);
+        n += (double)len;
     }
     return n;
 }
@@ -504,7 +505,8 @@ static inline void FN(masked_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T
                     int set = BN_MASKED_IN(mk, o, i);
                     const BN_T *g = BN_AT(dy, dys, o, k, i), *v = BN_AT(x, xs, o, k, i);
                     BN_T *d = BN_AT(dx, dxs, o, k, i);
-                    for (i1 = i + 1; i1 < w.i0 + w.len && BN_MASKED_IN(mk, o, i1) == set; ++i1) {}
+                    i1 = i + bn_mask_span(mk->m + o * mk->mo + i * mk->mi, mk->mi,
+                                          w.i0 + w.len - i, set);
                     if (wide)
                         FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, i1 - i,
                                          set ? e : &frozen, k);

@@ -383,7 +383,7 @@ class BatchNorm:
         sample = _sample(x) if saved is not None else None
         if mask is not None:    # split by rows with x (ghost batches): broadcast up front
             ax = _validation.channel_axis(self.axis, max(x.ndim, 1))
-            mask = np.squeeze(_validation.mask(mask, x.shape, ax)[0], axis=ax)
+            mask = _validation.mask(mask, x.shape, ax)[0]
         if not self.training and self.track_running_stats:
             y = _kernels.forward_eval(
                 x, self._running_mean, self._running_var, self._gamma, self._beta, self.axis,

@@ -174,8 +174,8 @@ def stats_pair(st: Any) -> tuple:
 
 def mask(m: Any, shape: tuple, axis: int) -> tuple:
     """A statistics mask for an input of this shape and channel axis, as a boolean array of
-    that shape with length 1 along the channel axis (a view where broadcasting allows), and
-    how many positions it sets (per channel: a mask has no channel axis)."""
+    that shape without the channel axis (a view where broadcasting allows), and how many
+    positions it sets (per channel: a mask has no channel axis)."""
     not_masked(m, "mask")
     m = as_array(m, "mask")
     if m.dtype != np.bool_:
@@ -187,7 +187,7 @@ def mask(m: Any, shape: tuple, axis: int) -> tuple:
     except ValueError:
         raise ValueError(f"mask must have the shape of x without its channel axis {axis}, "
                          f"{target}, or broadcast to it; got {m.shape}") from None
-    return np.expand_dims(full, axis), int(np.count_nonzero(full))
+    return full, int(np.count_nonzero(full))
 
 
 def activation(value: Any) -> int:
