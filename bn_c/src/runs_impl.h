@@ -124,6 +124,41 @@ static inline __m256d bn_d16_quarter(bn_d16 v, int k) { return v.q[k]; }
     bn_d16_of(BN_LOAD4D(p), BN_LOAD4D((p) + 4), BN_LOAD4D((p) + 8), BN_LOAD4D((p) + 12))
 #endif
 
+/* Masked reductions: lanes whose mask byte is 0 become +0.0, which leaves an accumulator
+ * unchanged (none holds -0.0: sums start at +0.0). bn_d16_keep takes 16 mask bytes,
+ * bn_d4_keep 4 (for lanes 0-3). Same bits with AVX2 and AVX-512. */
+#if BN_AVX512
+static inline bn_d16 bn_d16_keep(bn_d16 e, const unsigned char *mb)
+{
+    __m128i b = _mm_loadu_si128((const __m128i *)mb);
+    __mmask16 k = _mm_test_epi8_mask(b, b);
+    return bn_d16_of(_mm512_maskz_mov_pd((__mmask8)k, e.lo),
+                     _mm512_maskz_mov_pd((__mmask8)(k >> 8), e.hi));
+}
+static inline __m256d bn_d4_keep(__m256d e, const unsigned char *mb)
+{
+    int32_t w;
+    __m128i b;
+    memcpy(&w, mb, 4);
+    b = _mm_cvtsi32_si128(w);
+    return _mm256_maskz_mov_pd((__mmask8)_mm_test_epi8_mask(b, b), e);
+}
+#else
+static inline __m256d bn_d4_keep(__m256d e, const unsigned char *mb)
+{
+    int32_t w;
+    __m256i z;
+    memcpy(&w, mb, 4);
+    z = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(_mm_cvtsi32_si128(w)), _mm256_setzero_si256());
+    return _mm256_andnot_pd(_mm256_castsi256_pd(z), e);
+}
+static inline bn_d16 bn_d16_keep(bn_d16 e, const unsigned char *mb)
+{
+    return bn_d16_of(bn_d4_keep(e.q[0], mb), bn_d4_keep(e.q[1], mb + 4),
+                     bn_d4_keep(e.q[2], mb + 8), bn_d4_keep(e.q[3], mb + 12));
+}
+#endif
+
 /* ((q0 + q1) + (q2 + q3)), then (v0 + v2) + (v1 + v3) of that: a fixed order, so results are
  * reproducible */
 static inline double bn_d16_hsum(bn_d16 v)
@@ -140,9 +175,12 @@ static inline double bn_d16_hsum(bn_d16 v)
  * one channel. Vector accumulators live across all the rows and are reduced once at the end,
  * so short runs (small images) cost no per-row horizontal sums. */
 
-/* sum of d and of d*d, d = x - m */
-static inline void FN(run_dev)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, ptrdiff_t n,
-                               ptrdiff_t st, double m, double *sd, double *sdd)
+/* sum of d and of d*d, d = x - m, over the values whose mask byte (row stride mrs, element
+ * stride 1; NULL: all values) is set; with a mask, st must be 1. The same lanes and order
+ * with or without one: an all-true mask gives the unmasked bits. */
+BN_ALWAYS_INLINE void FN(run_dev)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, ptrdiff_t n,
+                                  ptrdiff_t st, double m, double *sd, double *sdd,
+                                  const unsigned char *mk, ptrdiff_t mrs)
 {
     double d0 = 0, d1 = 0, q0 = 0, q1 = 0;
     ptrdiff_t r, i;
@@ -152,24 +190,29 @@ static inline void FN(run_dev)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, ptrd
 #endif
     for (r = 0; r < rows; ++r) {
         const BN_T *p = x + r * rs;
+        const unsigned char *mr = mk ? mk + r * mrs : mk;
         i = 0;
         if (st == 1) {
 #if BN_SIMD
             for (; i + 16 <= n; i += 16) {
                 bn_d16 e = bn_d16_sub(BN_LOAD16D(p + i), vm);
+                if (mk) e = bn_d16_keep(e, mr + i);
                 vs = bn_d16_add(vs, e), vq = bn_d16_fma(e, e, vq);
             }
             for (; i + 4 <= n; i += 4) {
                 __m256d e0 = _mm256_sub_pd(BN_LOAD4D(p + i), vm4);
+                if (mk) e0 = bn_d4_keep(e0, mr + i);
                 vs = bn_d16_add4(vs, e0), vq = bn_d16_fma4(vq, e0, e0);
             }
 #endif
             for (; i + 2 <= n; i += 2) {
                 double e0 = (double)BN_LD(p + i) - m, e1 = (double)BN_LD(p + i + 1) - m;
+                if (mk) e0 = mr[i] ? e0 : 0.0, e1 = mr[i + 1] ? e1 : 0.0;
                 d0 += e0, d1 += e1, q0 += e0 * e0, q1 += e1 * e1;
             }
             for (; i < n; ++i) {
                 double e = (double)BN_LD(p + i) - m;
+                if (mk) e = mr[i] ? e : 0.0;
                 d0 += e, q0 += e * e;
             }
         } else {
@@ -266,6 +309,46 @@ static inline BN_V FN(vepi_n)(BN_V v, const BN_T *z, int relu, ptrdiff_t r)
 #endif
 #endif
 
+#if BN_SIMD
+/* Lanes of a compute-type vector whose mask byte (BN_W of them at mb) is 0 become +0.0. */
+static inline BN_V FN(vkeep)(BN_V v, const unsigned char *mb)
+{
+#if BN_AVX512 && BN_W == 16
+    __m128i b = _mm_loadu_si128((const __m128i *)mb);
+    return _mm512_maskz_mov_ps(_mm_test_epi8_mask(b, b), v);
+#elif BN_AVX512
+    __m128i b = _mm_loadl_epi64((const __m128i *)mb);
+#if BN_KIND == BN_KIND_F64
+    return _mm512_maskz_mov_pd((__mmask8)_mm_test_epi8_mask(b, b), v);
+#else
+    return _mm256_maskz_mov_ps((__mmask8)_mm_test_epi8_mask(b, b), v);
+#endif
+#elif BN_W == 8
+    __m256i z = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)mb)),
+                                   _mm256_setzero_si256());
+    return _mm256_andnot_ps(_mm256_castsi256_ps(z), v);
+#else
+    int32_t w;
+    __m256i z;
+    memcpy(&w, mb, 4);
+    z = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(_mm_cvtsi32_si128(w)), _mm256_setzero_si256());
+    return _mm256_andnot_pd(_mm256_castsi256_pd(z), v);
+#endif
+}
+#if BN_VMASK
+/* The same for the first r < BN_W lanes (a masked tail: no byte past them is read). */
+static inline BN_V FN(vkeep_n)(BN_V v, const unsigned char *mb, ptrdiff_t r)
+{
+    __m128i b = _mm_maskz_loadu_epi8((__mmask16)((1u << r) - 1), mb);
+#if BN_W == 16
+    return _mm512_maskz_mov_ps(_mm_test_epi8_mask(b, b), v);
+#else
+    return _mm512_maskz_mov_pd((__mmask8)_mm_test_epi8_mask(b, b), v);
+#endif
+}
+#endif
+#endif
+
 /* y = epi((x - m) * a + b). In place (y == x, or y == z) is fine: each vector is read before
  * it is written. */
 BN_ALWAYS_INLINE void FN(run_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
@@ -308,10 +391,12 @@ BN_ALWAYS_INLINE void FN(run_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrd
     }
 }
 
-/* dx = a * dy + (b * (x - m) + c) */
-static inline void FN(run_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrdiff_t xst,
-                                  BN_T *dx, ptrdiff_t dxst, ptrdiff_t n, BN_CT m, BN_CT a,
-                                  BN_CT b, BN_CT c, int stream)
+/* dx = a * dy + (b * (x - m) + c); with a mask (element stride 1, and contiguous arrays),
+ * positions whose byte is 0 get a * dy + 0: their x is in no statistic. */
+BN_ALWAYS_INLINE void FN(run_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x,
+                                     ptrdiff_t xst, BN_T *dx, ptrdiff_t dxst, ptrdiff_t n,
+                                     BN_CT m, BN_CT a, BN_CT b, BN_CT c, int stream,
+                                     const unsigned char *mk)
 {
     ptrdiff_t i = 0;
     (void)stream; /* non-temporal stores need SIMD */
@@ -319,23 +404,32 @@ static inline void FN(run_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x,
 #if BN_SIMD
         BN_V vm = BN_VSET1(m), va = BN_VSET1(a), vb = BN_VSET1(b), vc = BN_VSET1(c);
         stream = stream && BN_CAN_STREAM;
-        for (; stream && i < n && BN_MISALIGNED(dx + i); ++i)
-            BN_ST(dx + i, BN_SFMA(a, BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m, b, c)));
-        for (; i + BN_W <= n; i += BN_W)
-            BN_VSTS(stream, dx + i,
-                    BN_VFMA(va, BN_VLD(dy + i), BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), vb, vc)));
+        for (; stream && i < n && BN_MISALIGNED(dx + i); ++i) {
+            BN_CT t = BN_SFMA(BN_LD(x + i) - m, b, c);
+            BN_ST(dx + i, BN_SFMA(a, BN_LD(dy + i), mk && !mk[i] ? (BN_CT)0 : t));
+        }
+        for (; i + BN_W <= n; i += BN_W) {
+            BN_V t = BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), vb, vc);
+            if (mk) t = FN(vkeep)(t, mk + i);
+            BN_VSTS(stream, dx + i, BN_VFMA(va, BN_VLD(dy + i), t));
+        }
 #if BN_VMASK
-        if (i < n)
-            BN_VST_N(dx + i,
-                     BN_VFMA(va, BN_VLD_N(dy + i, n - i),
-                             BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), vm), vb, vc)),
-                     n - i);
+        if (i < n) {
+            BN_V t = BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), vm), vb, vc);
+            if (mk) t = FN(vkeep_n)(t, mk + i, n - i);
+            BN_VST_N(dx + i, BN_VFMA(va, BN_VLD_N(dy + i, n - i), t), n - i);
+        }
         i = n;
 #endif
-        for (; i < n; ++i)
-            BN_ST(dx + i, BN_SFMA(a, BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m, b, c)));
+        for (; i < n; ++i) {
+            BN_CT t = BN_SFMA(BN_LD(x + i) - m, b, c);
+            BN_ST(dx + i, BN_SFMA(a, BN_LD(dy + i), mk && !mk[i] ? (BN_CT)0 : t));
+        }
 #endif
-        for (; i < n; ++i) BN_ST(dx + i, a * BN_LD(dy + i) + ((BN_LD(x + i) - m) * b + c));
+        for (; i < n; ++i) {
+            BN_CT t = (BN_LD(x + i) - m) * b + c;
+            BN_ST(dx + i, a * BN_LD(dy + i) + (mk && !mk[i] ? (BN_CT)0 : t));
+        }
     } else {
         for (; i < n; ++i)
             BN_ST(dx + i * dxst, a * BN_LD(dy + i * dyst) + ((BN_LD(x + i * xst) - m) * b + c));

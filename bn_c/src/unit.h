@@ -63,6 +63,21 @@ static inline ptrdiff_t bn_mask_span(const unsigned char *m, ptrdiff_t step, ptr
     return i;
 }
 
+/* How many of the n contiguous mask bytes at m are set, eight at a time. */
+static inline ptrdiff_t bn_mask_count(const unsigned char *m, ptrdiff_t n)
+{
+    const uint64_t ones = UINT64_C(0x0101010101010101);
+    ptrdiff_t i = 0, set = 0;
+    uint64_t w;
+    for (; i + 8 <= n; i += 8) {
+        memcpy(&w, m + i, 8);
+        w |= w >> 4, w |= w >> 2, w |= w >> 1; /* each byte: 1 if it was nonzero (bit 0) */
+        set += (ptrdiff_t)(((w & ones) * ones) >> 56);
+    }
+    for (; i < n; ++i) set += m[i] != 0;
+    return set;
+}
+
 /* Element (o, c, i) of an array with strides st. */
 #define BN_AT(p, st, o, c, i) ((p) + (o) * (st).outer + (c) * (st).channel + (i) * (st).inner)
 

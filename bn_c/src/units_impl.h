@@ -41,6 +41,14 @@ static inline double FN(masked_run_dev)(const bn_mask *mk, const BN_T *x, bn_str
 {
     ptrdiff_t o, i, len, full = 0;
     double n = 0.0;
+    if (xs.inner == 1 && mk->mi == 1) { /* one pass, masked lanes: short runs cost nothing */
+        const unsigned char *m0 = mk->m + w->o0 * mk->mo + w->i0;
+        ptrdiff_t set = 0;
+        FN(run_dev)(BN_AT(x, xs, w->o0, c, w->i0), xs.outer, w->rows, w->len, 1, k, sd, sdd, m0,
+                    mk->mo);
+        for (o = 0; o < w->rows; ++o) set += bn_mask_count(m0 + o * mk->mo, w->len);
+        return (double)set;
+    }
     for (o = w->o0; o <= w->o0 + w->rows; ++o) {
         const unsigned char *mr = o < w->o0 + w->rows ? mk->m + o * mk->mo + w->i0 * mk->mi : NULL;
         if (mr && bn_mask_span(mr, mk->mi, w->len, 1) == w->len) {
@@ -49,14 +57,14 @@ static inline double FN(masked_run_dev)(const bn_mask *mk, const BN_T *x, bn_str
         }
         if (full) /* the whole rows just before o */
             FN(run_dev)(BN_AT(x, xs, o - full, c, w->i0), xs.outer, full, w->len, xs.inner, k,
-                        sd, sdd);
+                        sd, sdd, NULL, 0);
         n += (double)(full * w->len), full = 0;
         for (i = 0; mr && i < w->len; i += len) {
             i += bn_mask_span(mr + i * mk->mi, mk->mi, w->len - i, 0);
             len = bn_mask_span(mr + i * mk->mi, mk->mi, w->len - i, 1);
             if (len)
                 FN(run_dev)(BN_AT(x, xs, o, c, w->i0 + i), xs.outer, 1, len, xs.inner, k, sd,
-                            sdd);
+                            sdd, NULL, 0);
             n += (double)len;
         }
     }
@@ -148,11 +156,11 @@ static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
         for (j = 0; j < w.cn; ++j) {
             const BN_T *base = BN_AT(x, xs, w.o0, w.c0 + j, w.i0);
             double k = (double)BN_LD(base), sd = 0.0, sdd = 0.0, m2;
-            FN(run_dev)(base, xs.outer, w.rows, w.len, xs.inner, k, &sd, &sdd);
+            FN(run_dev)(base, xs.outer, w.rows, w.len, xs.inner, k, &sd, &sdd, NULL, 0);
             m2 = sdd - sd * (sd / n);
             if (m2 < sdd * BN_REDO_BELOW) {
                 k = (double)(BN_CT)(k + sd / n), sd = sdd = 0.0;
-                FN(run_dev)(base, xs.outer, w.rows, w.len, xs.inner, k, &sd, &sdd);
+                FN(run_dev)(base, xs.outer, w.rows, w.len, xs.inner, k, &sd, &sdd, NULL, 0);
                 m2 = sdd - sd * (sd / n);
             }
             pmean[w.slot + j] = (k - FN(reference)(x, xs, w.c0 + j, NULL)) + sd / n;
@@ -441,7 +449,7 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
                     FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, e, k);
                 else if (b)
                     FN(run_bwd_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, m[k], a[k],
-                                   b[k], c[k], BN_STREAM_RUN(e, d, w.len));
+                                   b[k], c[k], BN_STREAM_RUN(e, d, w.len), NULL);
                 else
                     FN(run_scale)(g, dys.inner, d, dxs.inner, w.len, a[k],
                                   BN_STREAM_RUN(e, d, w.len));
@@ -501,6 +509,14 @@ static inline void FN(masked_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T
         for (o = w.o0; o < w.o0 + w.rows; ++o)
             for (k = w.c0; k < w.c0 + w.cn; ++k) {
                 int wide = *e->wide && FN(wide)(m, a, b, c, k);
+                if (!wide && mk->mi == 1 && dys.inner == 1 && xs.inner == 1 && dxs.inner == 1) {
+                    /* one pass, masked lanes: short runs cost nothing */
+                    BN_T *d = BN_AT(dx, dxs, o, k, w.i0);
+                    FN(run_bwd_dx)(BN_AT(dy, dys, o, k, w.i0), 1, BN_AT(x, xs, o, k, w.i0), 1, d, 1,
+                                   w.len, m[k], a[k], b[k], c[k], BN_STREAM_RUN(e, d, w.len),
+                                   mk->m + o * mk->mo + w.i0);
+                    continue;
+                }
                 for (i = w.i0; i < w.i0 + w.len; i = i1) {
                     int set = BN_MASKED_IN(mk, o, i);
                     const BN_T *g = BN_AT(dy, dys, o, k, i), *v = BN_AT(x, xs, o, k, i);
@@ -512,7 +528,7 @@ static inline void FN(masked_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T
                                          set ? e : &frozen, k);
                     else if (set)
                         FN(run_bwd_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, i1 - i, m[k],
-                                       a[k], b[k], c[k], BN_STREAM_RUN(e, d, i1 - i));
+                                       a[k], b[k], c[k], BN_STREAM_RUN(e, d, i1 - i), NULL);
                     else
                         FN(run_scale)(g, dys.inner, d, dxs.inner, i1 - i, a[k],
                                       BN_STREAM_RUN(e, d, i1 - i));
