@@ -512,10 +512,18 @@ def test_keras_renorm_layer_converts_both_ways():
     assert_same_layer(layer, bn.convert.from_keras(again))
 
 
+def test_a_fused_activation_is_refused_by_onnx_too():
+    require("onnx")
+    with pytest.raises(ValueError, match="no fused activation"):
+        bn.convert.to_onnx(random_layer(activation="relu").eval(), "x", "y")
+
+
 @pytest.mark.parametrize("to", [bn.convert.to_torch, bn.convert.to_flax, bn.convert.to_keras])
 def test_variants_no_framework_has_are_refused(to):
     with pytest.raises(ValueError, match="ghost batches"):
         to(random_layer(axis=-1, unbiased_running_var=False, virtual_batch_size=4))
+    with pytest.raises(ValueError, match="no fused activation"):
+        to(random_layer(axis=-1, unbiased_running_var=False, activation="relu"))
     if to is not bn.convert.to_keras:
         with pytest.raises(ValueError, match="batch renormalization"):
             to(bn.BatchNorm(3, renorm=True, unbiased_running_var=False))

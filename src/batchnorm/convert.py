@@ -106,10 +106,18 @@ def _check_layer(layer: Any) -> None:
         raise TypeError(f"layer must be a batchnorm.BatchNorm, got {type(layer).__name__}")
 
 
+def _refuse_activation(layer: BatchNorm, target: str) -> None:
+    if layer.activation:
+        raise ValueError(f"{target}'s batch normalization has no fused activation "
+                         f"(activation={layer.activation!r}); set layer.activation = None to "
+                         f"convert, and apply the activation after the converted layer")
+
+
 def _refuse(layer: BatchNorm, target: str, *, cumulative: bool = True, untracked: bool = True,
             unbiased: bool = True, renorm: bool = True) -> None:
     """A ValueError for settings ``target`` cannot express (the checks that are True; no
-    target has ghost batches)."""
+    target has ghost batches or a fused activation)."""
+    _refuse_activation(layer, target)
     if layer.virtual_batch_size:
         raise ValueError(f"{target} has no ghost batches (virtual_batch_size="
                          f"{layer.virtual_batch_size}); inference is the same: set "
@@ -572,6 +580,7 @@ def to_onnx(layer: BatchNorm, input: str, output: str, *, opset: int = 15,
         raise ValueError(f"normalizing with batch statistics in ONNX needs training_mode, "
                          f"opset 14 or later; got opset {opset}"
                          + ("" if training_mode else " (track_running_stats=False)"))
+    _refuse_activation(layer, "ONNX")
     if training:
         _refuse(layer, "ONNX", untracked=False)
     if layer.axis not in (1, -1):
