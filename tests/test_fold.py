@@ -70,6 +70,8 @@ def test_result_in_the_weight_dtype_and_arguments_unchanged():
 @pytest.mark.parametrize("call,error,match", [
     (lambda w, l: bn.fold(w, None, bn.BatchNorm(6, track_running_stats=False)), ValueError,
      "track_running_stats=False"),
+    (lambda w, l: bn.fold(w, None, bn.BatchNorm(6, activation="relu").eval()), ValueError,
+     "activation='relu'"),
     (lambda w, l: bn.fold(w, None, l, kind="dense"), ValueError, "kind must be one of"),
     (lambda w, l: bn.fold(w[:5], None, l), ValueError, "5 output channels.*num_features=6"),
     (lambda w, l: bn.fold(w.astype(int), None, l), TypeError, "floating-point"),

@@ -61,6 +61,10 @@ def fold(weight: Any, bias: Any, layer: BatchNorm, *, kind: str = "linear", grou
     if not layer.track_running_stats:
         raise ValueError("fold needs running statistics: this layer has "
                          "track_running_stats=False, so it normalizes with each batch's own")
+    if layer.activation:
+        raise ValueError(f"fold gives the linear layer that replaces batch norm; this layer "
+                         f"also applies activation={layer.activation!r}, which no linear layer "
+                         f"can: apply it after the folded layer")
     if kind not in _OUT_AXIS:
         raise ValueError(f"kind must be one of {sorted(_OUT_AXIS)}, got {kind!r}")
     w = _validation.as_array(weight, "weight")
