@@ -7,7 +7,8 @@ broadcast and read-only arrays), a dtype from ``batchnorm._validation.FLOAT_DTYP
 there are fuzzed automatically), the kernel set (every ISA path this CPU has), eps,
 gamma/beta present or not (float64 contiguous, strided or unaligned, float32, integer arrays
 or lists), an ``out=`` (none, fresh, the input itself, an overlapping view) and at most
-one deliberately bad argument (a ``numpy.ma`` masked input among them). Data styles reach
+one deliberately bad argument (a ``numpy.ma`` masked input among them; bad ``mask=`` and
+``activation=`` arguments of the variants too). Data styles reach
 the extremes of each dtype (values near its largest, both signs, so that ``x - mean``
 overflows the compute type; 1e150 for float64, the documented limit of its statistics).
 Layer steps run under ``np.errstate(all="raise")`` with warnings as errors one time in four,
@@ -489,6 +490,14 @@ def assert_unchanged(arrays: dict, before: dict, skip=()):
 
 EPS_VALUES = [0.0, 1e-5, 1e-5, 1e-3, 0.1, 1, np.float32(1e-3), 1e-300]
 
+# The variants' arguments, one of them bad: a mask of the wrong shape (more axes than x
+# without its channel axis: it broadcasts to nothing), one that is not boolean, one that
+# sets no position (an error in training, where every channel needs two unmasked values;
+# the empty Stats from batch_stats; nothing at all to a frozen backward), and an activation
+# that is not None or "relu".
+MASK_CORRUPTIONS = ["mask_shape", "mask_dtype", "mask_empty"]
+BAD_ACTIVATIONS = ["gelu", "RELU", "relu ", 1, True]
+
 @dataclass
 class Case:
     shape: tuple
@@ -517,15 +526,17 @@ def cases(draw, fn: str):
     if fn == "batch_stats":
         out_kinds = ["none"]
     allowed = {
-        "batch_stats": ["x_dtype", "axis_range", "axis_type", "x_masked"],
+        "batch_stats": ["x_dtype", "axis_range", "axis_type", "x_masked"] + MASK_CORRUPTIONS,
         "forward_train": ["x_dtype", "axis_range", "axis_type", "gamma_shape", "gamma_dtype",
-                          "beta_shape", "eps", "out_shape", "out_dtype", "out_type", "x_masked"],
+                          "beta_shape", "eps", "out_shape", "out_dtype", "out_type", "x_masked",
+                          "activation"] + MASK_CORRUPTIONS,
         "forward_eval": ["x_dtype", "axis_range", "axis_type", "gamma_shape", "beta_shape",
                          "eps", "out_shape", "out_dtype", "out_type", "mean_shape",
-                         "var_negative", "x_masked"],
+                         "var_negative", "x_masked", "activation"],
         "backward": ["x_dtype", "axis_range", "axis_type", "gamma_shape", "gamma_dtype", "eps",
                      "out_shape", "out_dtype", "out_type", "mean_shape", "var_negative",
-                     "dy_shape", "dy_dtype", "st_type", "x_masked"],
+                     "dy_shape", "dy_dtype", "st_type", "x_masked",
+                     "activation"] + MASK_CORRUPTIONS,
     }[fn]
     corrupt = draw(st.none() | st.none() | st.none() | st.sampled_from(allowed))
     return Case(
@@ -549,6 +560,8 @@ def cases(draw, fn: str):
             "bad_dtype": draw(st.sampled_from(BAD_DTYPES)),
             "other_dtype": draw(st.sampled_from([d for d in FLOAT_DTYPES if d != dtype])),
             "bad_eps": draw(st.sampled_from([-1e-5, float("nan"), float("inf"), -float("inf")])),
+            "bad_activation": draw(st.sampled_from(BAD_ACTIVATIONS)),
+            "mask_dtype": draw(st.sampled_from([np.int8, np.uint8, np.float32, np.int64])),
         },
     )
 
@@ -617,6 +630,23 @@ def run_case(fn: str, case: Case) -> None:
     if bad == "eps":
         eps = case.extra["bad_eps"]
         errors.add("eps")
+
+    # the variants' arguments (passed only when corrupted)
+    variant = {}
+    mask_shape = tuple(s for i, s in enumerate(shape) if i != ax)
+    if bad == "mask_shape":
+        variant["mask"] = np.ones(mask_shape + (2,) if rng.random() < 0.5 else shape, bool)
+        errors.add("mask")
+    if bad == "mask_dtype":
+        variant["mask"] = np.ones(mask_shape, case.extra["mask_dtype"])
+        errors.add("mask")
+    if bad == "mask_empty":
+        variant["mask"] = np.zeros(mask_shape, bool)
+        if fn == "forward_train" or (fn == "backward" and case.extra["training"]):
+            errors.add("mask")
+    if bad == "activation":
+        variant["activation"] = case.extra["bad_activation"]
+        errors.add("activation")
 
     rst = exact_stats(xv, ax) if c and n else None
     mean = var = None
@@ -703,12 +733,13 @@ def run_case(fn: str, case: Case) -> None:
     out_before = np.array(out, copy=True) if isinstance(out, np.ndarray) else None
 
     call = {
-        "batch_stats": lambda: bn.batch_stats(x, axis=axis),
-        "forward_train": lambda: bn.forward_train(x, gamma, beta, axis=axis, eps=eps, out=out),
+        "batch_stats": lambda: bn.batch_stats(x, axis=axis, **variant),
+        "forward_train": lambda: bn.forward_train(x, gamma, beta, axis=axis, eps=eps, out=out,
+                                                  **variant),
         "forward_eval": lambda: bn.forward_eval(x, mean, var, gamma, beta, axis=axis, eps=eps,
-                                                out=out),
+                                                out=out, **variant),
         "backward": lambda: bn.backward(dy, x, st_arg, gamma, axis=axis, eps=eps,
-                                        training=case.extra["training"], out=out),
+                                        training=case.extra["training"], out=out, **variant),
     }[fn]
     with np.errstate(all="ignore"):
         result = call_expecting(call, errors, fn)
@@ -727,6 +758,12 @@ def run_case(fn: str, case: Case) -> None:
     b = as_f64(beta)
     eps_f = float(eps)
 
+    if fn == "batch_stats" and bad == "mask_empty":    # no position counts: the empty Stats
+        s = result
+        assert isinstance(s, bn.Stats) and s.mean.shape == (c,) and s.var.shape == (c,)
+        assert not s.mean.any() and not s.var.any()
+        assert s.count.dtype == np.int64 and np.array_equal(s.count, np.zeros(c, np.int64))
+        return
     if fn == "batch_stats":
         s = result
         assert isinstance(s, bn.Stats) and s.count == n
