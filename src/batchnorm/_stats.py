@@ -97,7 +97,8 @@ def merge_stats(*stats: Any) -> Stats:
     Parameters
     ----------
     *stats : Stats, or (mean, var, count) tuples
-        One or more, all with the same number of channels C.
+        One or more, all with the same number of channels C. A count is an int, or the
+        per-channel counts of masked statistics (then the merged count is per channel too).
 
     Returns
     -------
