@@ -135,3 +135,43 @@ def test_nan_propagates_to_its_channel_only():
 def test_bad_arguments_are_named(args, exc, match):
     with pytest.raises(exc, match=match):
         bn.merge_stats(*args)
+
+
+# --- masked statistics: per-channel counts ----------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,axis", [((40, 3), 1), ((6, 4, 5, 5), 1), ((6, 5, 5, 4), -1)])
+def test_masked_parts_merge_to_the_masked_whole(shape, axis):
+    rng = np.random.default_rng(7)
+    x = rng.normal(2.0, 3.0, shape)
+    ax = axis % len(shape)
+    mask = rng.random(np.delete(shape, ax)) < 0.6
+    whole = bn.batch_stats(x, axis=axis, mask=mask)
+    parts = [bn.batch_stats(x[i:i + 2], axis=axis, mask=mask[i:i + 2])
+             for i in range(0, shape[0], 2)]
+    merged = bn.merge_stats(*parts)
+    assert merged.count.dtype == np.int64 and np.array_equal(merged.count, whole.count)
+    np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-13)
+    np.testing.assert_allclose(merged.var, whole.var, rtol=1e-12)
+    np.testing.assert_allclose(whole.unbiased_var(), whole.var * whole.count / (whole.count - 1))
+    # a masked part merged with an unmasked one: counts per channel
+    mixed = bn.merge_stats(parts[0], bn.batch_stats(x[2:4], axis=axis))
+    assert np.array_equal(mixed.count, parts[0].count + x[2:4].size // shape[ax])
+
+
+def test_a_part_with_nothing_unmasked_adds_nothing():
+    x = np.arange(12.0).reshape(6, 2)
+    empty = bn.batch_stats(x[:2], mask=np.zeros(2, bool))
+    assert np.array_equal(empty.count, [0, 0]) and not empty.mean.any() and not empty.var.any()
+    st = bn.batch_stats(x[2:], mask=np.ones(4, bool))
+    merged = bn.merge_stats(empty, st)
+    assert np.array_equal(merged.mean, st.mean) and np.array_equal(merged.var, st.var)
+    with pytest.raises(ValueError, match="count >= 2"):
+        empty.unbiased_var()
+
+
+@pytest.mark.parametrize("count", [np.array([3, 3, 3]), np.array([3.0, 3.0]), np.array([3, -1])])
+def test_bad_per_channel_counts_are_refused(count):
+    st = bn.Stats(np.zeros(2), np.ones(2), 3)
+    with pytest.raises(ValueError, match="per-channel integers"):
+        bn.merge_stats(st, bn.Stats(np.zeros(2), np.ones(2), count))
