@@ -566,9 +566,10 @@ static void FN(run_exact_y)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst
     ptrdiff_t i;
     for (i = 0; i < n; ++i) {
         double v = bn_exact_y(e, c, (double)BN_LD(x + i * xst));
+        BN_CT r;
         if (z) v += (double)BN_LD(z + i * zst);
-        if (e->relu && v < 0) v = 0.0;
-        BN_ST(y + i * yst, (BN_CT)v);
+        r = (BN_CT)v; /* the relu on the compute type, as the vector loops: -0.0 stays */
+        BN_ST(y + i * yst, e->relu && r < 0 ? (BN_CT)0 : r);
     }
 }
 

@@ -279,7 +279,7 @@ class BatchNorm:
             raise ValueError(f"stats have {st.mean.shape[0]} channels; the layer has "
                              f"num_features={self.num_features}")
         least = 2 if self.unbiased_running_var else 1
-        if st.count < least:
+        if np.any(np.asarray(st.count) < least):
             raise ValueError(f"stats.count must be >= {least} "
                              f"({'unbiased' if least == 2 else 'biased'} running variance), "
                              f"got {st.count}")

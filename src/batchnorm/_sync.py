@@ -107,11 +107,12 @@ class SyncBatchNorm(BatchNorm):
         a checkpoint), as PyTorch's ``convert_sync_batchnorm`` does for one layer."""
         if not isinstance(layer, BatchNorm):
             raise TypeError(f"layer must be a BatchNorm, got {type(layer).__name__}")
-        if layer.virtual_batch_size or layer.renorm:
-            raise NotImplementedError("SyncBatchNorm does not take ghost batches or renorm "
-                                      "(yet): this layer has "
+        if layer.virtual_batch_size or layer.renorm or layer.activation:
+            raise NotImplementedError("SyncBatchNorm does not take ghost batches, renorm or a "
+                                      "fused activation (yet): this layer has "
                                       + ("virtual_batch_size" if layer.virtual_batch_size
-                                         else "renorm=True"))
+                                         else "renorm=True" if layer.renorm
+                                         else f"activation={layer.activation!r}"))
         new = cls(layer.num_features, comm, axis=layer.axis, eps=layer.eps,
                   momentum=layer.momentum, affine=layer.affine,
                   track_running_stats=layer.track_running_stats,

@@ -111,8 +111,8 @@ def forward_train(x, gamma=None, beta=None, *, axis: int = 1, eps: float = 1e-5,
 def backward(dy, x, st, gamma=None, *, axis: int = 1, eps: float = 1e-5, training: bool = True,
              mask=None, activation=None, y=None):
     """(dx, dgamma, dbeta), and dz (the gradient of bn(x) + residual, so the residual's) last
-    when activation is given: "relu" needs the forward output y, and passes dy where y > 0
-    (0 at y == 0, as PyTorch). With `mask` in training, mean and var depend on the True
+    when activation is given: "relu" needs the forward output y, and passes dy where y <= 0
+    is false (0 at y == 0; NaN passes: PyTorch's threshold_backward). With `mask` in training, mean and var depend on the True
     positions only: dx_i = a*g_i - m_i*(a/n)*(dbeta + xhat_i*dgamma), a = gamma/sqrt(var + eps),
     m_i = 1 at a True position, else 0; dgamma and dbeta still sum over every position."""
     x = np.asarray(x, dtype=np.float64)
@@ -122,7 +122,8 @@ def backward(dy, x, st, gamma=None, *, axis: int = 1, eps: float = 1e-5, trainin
     if activation == "relu":
         if y is None:
             raise ValueError('backward with activation="relu" needs the forward output y')
-        dy = np.where(np.asarray(y, dtype=np.float64) > 0, dy, 0.0)  # from here on: g
+        with np.errstate(invalid="ignore"):
+            dy = np.where(np.asarray(y, dtype=np.float64) <= 0, 0.0, dy)  # from here on: g
     axes = _reduce_axes(x.ndim, axis)
     n = x.size // x.shape[axis]
     m = _per_channel(st[0], x.ndim, axis, 0.0)
