@@ -112,7 +112,7 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
         return BN_OK;
     }
     if (!x || !y || bn_mask_of(opt, s, &mk) < 0) return BN_ERR_ARG;
-    cc = bn_chunk_channels(s, opt && opt->residual ? 2 : 1, sizeof(BN_CT));
+    cc = bn_chunk_channels(s, 1, sizeof(BN_CT)); /* x stays cached between the passes */
     /* partials of the largest chunk; every chunk has as many parts */
     t0 = bn_make_tiling(s, 0, cc);
     size = t0.parts * BN_PART_STRIDE(cc);
