@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -469,6 +470,10 @@ def test_asv_user_suite_runs_once(monkeypatch, threads):
 
     monkeypatch.syspath_prepend(str(ASV_DIR))
     suite = importlib.import_module("benchmarks.bench_user")
+    # the ratios' machinery once, briefly: this checks that the calls run, not their speed
+    quick = functools.partial(suite.interleaved_ratio, rounds=1, seconds=0.0, settle=0.0,
+                              min_sample=0.0)
+    monkeypatch.setattr(suite, "interleaved_ratio", quick)
     assert suite.USER_SHAPES == ["4x4", "64x128", "8x32x8x8", "256x1024"]
     x, dy, axis, *vectors = suite.user_inputs("8x32x8x8")
     assert x.dtype == dy.dtype == np.float32 and axis == 1
@@ -496,4 +501,15 @@ def test_asv_user_suite_runs_once(monkeypatch, threads):
         ratios = suite.UserRatios()
         ratios.setup("4x4", call)
         ratio = ratios.track_ratio_to_copy("4x4", call)
+        assert math.isfinite(ratio) and ratio > 0, call
+    # the masked and fused calls, on the smallest of their shapes
+    shape = suite.VARIANT_SHAPES[0]
+    for call in suite.UserMaskedFused.params[1]:
+        bench = suite.UserMaskedFused()
+        bench.setup(shape, call)
+        bench.time_call(shape, call)
+    for call in suite.EpilogueRatios.params[1]:
+        ratios = suite.EpilogueRatios()
+        ratios.setup(shape, call)
+        ratio = ratios.track_ratio_to_plain(shape, call)
         assert math.isfinite(ratio) and ratio > 0, call
