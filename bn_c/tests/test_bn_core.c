@@ -192,6 +192,64 @@ static void test_backward_total(void)
           "NULL sums accepted");
 }
 
+/* Masked statistics: those of the unmasked positions (here, NaN at the masked ones changes
+ * nothing); an all-true mask gives the unmasked bits; a channel stride is refused; the fused
+ * relu(bn(x) + z) and the relu's backward gate. Planar (N=2, C=2, I=5). */
+static void test_variants(void)
+{
+    float x[20], y[20], y0[20], z[20], dy[20], dz[20], dx[20];
+    unsigned char mask[10], all[10];
+    double mean[2], var[2], m0[2], v0[2], dg[2], db[2];
+    bn_shape s = {2, 2, 5};
+    bn_strides st = {10, 5, 1};
+    bn_options opt;
+    int i, c, o;
+    for (i = 0; i < 20; ++i) x[i] = (float)((i * 7) % 11) - 3.0f, z[i] = 0.25f, dy[i] = 1.0f;
+    for (i = 0; i < 10; ++i) mask[i] = (unsigned char)(i % 3 != 0), all[i] = 1;
+    for (o = 0; o < 2; ++o) /* garbage where the mask is clear */
+        for (i = 0; i < 5; ++i)
+            if (!mask[o * 5 + i]) x[o * 10 + i] = NAN;
+    memset(&opt, 0, sizeof opt);
+    opt.mask = mask, opt.mask_strides.outer = 5, opt.mask_strides.inner = 1;
+    CHECK(bn_stats_f32(s, x, st, mean, var, &opt) == BN_OK, "masked stats");
+    for (c = 0; c < 2; ++c) {
+        double sum = 0, sq = 0, n = 0, m;
+        for (o = 0; o < 2; ++o)
+            for (i = 0; i < 5; ++i)
+                if (mask[o * 5 + i]) sum += x[o * 10 + c * 5 + i], n += 1;
+        m = sum / n;
+        for (o = 0; o < 2; ++o)
+            for (i = 0; i < 5; ++i)
+                if (mask[o * 5 + i]) sq += (x[o * 10 + c * 5 + i] - m) * (x[o * 10 + c * 5 + i] - m);
+        CHECK(close_to(mean[c], m, 1e-12) && close_to(var[c], sq / n, 1e-12),
+              "masked channel %d: %g %g, want %g %g", c, mean[c], var[c], m, sq / n);
+    }
+    opt.mask_strides.channel = 1;
+    CHECK(bn_stats_f32(s, x, st, mean, var, &opt) == BN_ERR_ARG, "a mask's channel stride");
+    for (i = 0; i < 20; ++i) x[i] = (float)((i * 7) % 11) - 3.0f;
+    opt.mask = all, opt.mask_strides.channel = 0;
+    CHECK(bn_forward_train_f32(s, x, st, y, st, NULL, NULL, 1e-5, mean, var, &opt) == BN_OK,
+          "masked forward");
+    CHECK(bn_forward_train_f32(s, x, st, y0, st, NULL, NULL, 1e-5, m0, v0, NULL) == BN_OK,
+          "forward");
+    CHECK(memcmp(y, y0, sizeof y) == 0 && memcmp(mean, m0, sizeof m0) == 0 &&
+              memcmp(var, v0, sizeof v0) == 0, "an all-true mask changed the bits");
+    memset(&opt, 0, sizeof opt);
+    opt.residual = z, opt.residual_strides = st, opt.activation = BN_ACT_RELU;
+    CHECK(bn_forward_eval_f32(s, x, st, y, st, m0, v0, NULL, NULL, 1e-5, &opt) == BN_OK,
+          "fused forward");
+    for (i = 0; i < 20; ++i)
+        CHECK(close_to(y[i], fmax(y0[i] + 0.25, 0.0), 1e-6), "relu(bn + z) at %d: %g", i, y[i]);
+    memset(&opt, 0, sizeof opt);
+    opt.activation = BN_ACT_RELU, opt.y = y, opt.y_strides = st, opt.dz = dz, opt.dz_strides = st;
+    CHECK(bn_backward_f32(s, dy, st, x, st, dx, st, m0, v0, NULL, 1e-5, 1, dg, db, &opt) == BN_OK,
+          "relu backward");
+    for (i = 0; i < 20; ++i) CHECK(dz[i] == (y[i] > 0 ? 1.0f : 0.0f), "dz at %d", i);
+    opt.y = NULL;
+    CHECK(bn_backward_f32(s, dy, st, x, st, dx, st, m0, v0, NULL, 1e-5, 1, dg, db, &opt) ==
+              BN_ERR_ARG, "relu backward without y");
+}
+
 int main(void)
 {
     static const char *isas[] = {"baseline", "avx2", "avx512"};
@@ -207,6 +265,7 @@ int main(void)
         test_constant_channel();
         test_zero_variance_eps0();
         test_backward_total();
+        test_variants();
         printf("isa %-8s checked (openmp: %d)\n", isas[k], bn_has_openmp());
         ++ran;
     }
