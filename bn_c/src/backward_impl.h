@@ -10,31 +10,49 @@ static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t CS, double
                                  double eps, int training, int given, const double *sdy,
                                  double *sdyx, BN_CT *coef, double *dgamma, double *dbeta)
 {
-    ptrdiff_t k;
+    /* in local arrays first: loops that write only them vectorise (written straight to the
+     * outputs, which might alias the inputs as far as the compiler knows, they did not, and
+     * on a (64, 128) backward this loop took 17% of the call) */
+    double inv[BN_MERGE_BLOCK], a[BN_MERGE_BLOCK], g[BN_MERGE_BLOCK];
+    double b[BN_MERGE_BLOCK], ct[BN_MERGE_BLOCK];
+    BN_CT m[BN_MERGE_BLOCK];
+    int lossy[BN_MERGE_BLOCK];
+    ptrdiff_t j;
     int wide = 0;
-    for (k = c0; k < c0 + cc; ++k) {
-        double inv = 1.0 / sqrt(var[k] + eps), a = (gamma ? gamma[k] : 1.0) * inv;
-        double g = given ? sdyx[k - c0] : bn_dgamma(sdyx[k - c0], inv); /* sum of dy*xhat */
-        int lossy = FN(lossy)(a);
-        sdyx[k - c0] = g;
-        if (dbeta) dbeta[k] = sdy[k - c0];
-        if (dgamma) dgamma[k] = g;
-        coef[k] = (BN_CT)mean[k];
-        if (training) {
+    const double *v = var + c0, *mu = mean + c0;
+    for (j = 0; j < cc; ++j) {
+        inv[j] = 1.0 / sqrt(v[j] + eps);
+        a[j] = (gamma ? gamma[c0 + j] : 1.0) * inv[j];
+        g[j] = given ? sdyx[j] : bn_dgamma(sdyx[j], inv[j]); /* sum of dy*xhat */
+        m[j] = (BN_CT)mu[j];
+        lossy[j] = FN(lossy)(a[j]);
+    }
+    if (training)
+        for (j = 0; j < cc; ++j) {
             /* dx = a*dy + b*(x - mean) + c, with the rounding of the mean folded into c; b
              * is formed as (a * inv) * (g / n), whose factors stay in range where
              * a * inv * inv * sdyx alone would underflow (a float64 spread over 1e120) */
-            double b = -(a * inv) * (g / n), c = -a * sdy[k - c0] / n;
-            double c_total = c + b * ((double)coef[k] - mean[k]);
-            coef[2 * CS + k] = (BN_CT)b;
-            coef[3 * CS + k] = (BN_CT)c_total;
-            lossy |= FN(lossy)(b) | FN(lossy)(c_total) |
-                     FN(lossy_spread)(n, var[k], (double)coef[k]);
+            double c = -a[j] * sdy[j] / n;
+            b[j] = -(a[j] * inv[j]) * (g[j] / n);
+            ct[j] = c + b[j] * ((double)m[j] - mu[j]);
+            lossy[j] |= FN(lossy)(b[j]) | FN(lossy)(ct[j]) |
+                        FN(lossy_spread)(n, v[j], (double)m[j]);
         }
-        coef[CS + k] = lossy ? (BN_CT)NAN : (BN_CT)a; /* NaN: the marker FN(wide) counts */
-        wide += FN(wide)(coef, coef + CS, training ? coef + 2 * CS : NULL,
-                         training ? coef + 3 * CS : NULL, k);
+    for (j = 0; j < cc; ++j) {
+        sdyx[j] = g[j]; /* the exact path reads the sums of dy*xhat */
+        coef[c0 + j] = m[j];
+        coef[CS + c0 + j] = lossy[j] ? (BN_CT)NAN : (BN_CT)a[j]; /* NaN: what FN(wide) counts */
     }
+    if (training)
+        for (j = 0; j < cc; ++j) {
+            coef[2 * CS + c0 + j] = (BN_CT)b[j];
+            coef[3 * CS + c0 + j] = (BN_CT)ct[j];
+        }
+    for (j = 0; dbeta && j < cc; ++j) dbeta[c0 + j] = sdy[j];
+    for (j = 0; dgamma && j < cc; ++j) dgamma[c0 + j] = g[j];
+    for (j = 0; j < cc; ++j)
+        wide += FN(wide)(coef, coef + CS, training ? coef + 2 * CS : NULL,
+                         training ? coef + 3 * CS : NULL, c0 + j);
     return wide;
 }
 
