@@ -1,5 +1,5 @@
 /* Work partition and deterministic merges, shared by every ISA (compiled once). */
-#include "internal.h"
+#include "unit.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -228,12 +228,16 @@ int bn_mask_of(const bn_options *opt, bn_shape s, bn_mask *mk)
     if (opt->mask_strides.channel != 0 && s.channels > 1) return BN_ERR_ARG;
     mk->m = opt->mask, mk->mo = opt->mask_strides.outer, mk->mi = opt->mask_strides.inner;
     mk->ro = mk->ri = -1;
-    for (o = 0; o < s.outer; ++o)
-        for (i = 0; i < s.inner; ++i)
-            if (BN_MASKED_IN(mk, o, i)) {
-                if (mk->ro < 0) mk->ro = o, mk->ri = i;
-                mk->count += 1.0;
-            }
+    for (o = 0; o < s.outer; ++o) { /* eight bytes at a time where a row is contiguous */
+        const unsigned char *row = mk->m + o * mk->mo;
+        ptrdiff_t set = 0;
+        if (mk->mi == 1)
+            set = bn_mask_count(row, s.inner);
+        else
+            for (i = 0; i < s.inner; ++i) set += row[i * mk->mi] != 0;
+        if (set && mk->ro < 0) mk->ro = o, mk->ri = bn_mask_span(row, mk->mi, s.inner, 0);
+        mk->count += (double)set;
+    }
     if (mk->ro < 0) mk->ro = mk->ri = 0; /* nothing set: every statistic is NaN */
     return 0;
 }
