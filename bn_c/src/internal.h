@@ -154,8 +154,9 @@ typedef struct bn_batch_total {
 
 /* y = beta + gamma * (x - mean) / sqrt(var + eps) for one element of channel c. */
 double bn_exact_y(const bn_call *e, ptrdiff_t c, double x);
-/* dx of one element of channel c: training (e->sdy != NULL) or frozen statistics. */
-double bn_exact_dx(const bn_call *e, ptrdiff_t c, double dy, double x);
+/* dx of one element of channel c: through the statistics (trained, with e->sdy) or with
+ * them frozen (also the masked positions of a masked training backward). */
+double bn_exact_dx(const bn_call *e, ptrdiff_t c, double dy, double x, int trained);
 /* dgamma = sum(dy * (x - mean)) / sqrt(var + eps), which is 0, not NaN, when the sum is 0
  * (a constant channel with eps = 0: every normalized value is 0). */
 static inline double bn_dgamma(double sdyx, double inv)

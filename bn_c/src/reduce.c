@@ -321,12 +321,12 @@ double bn_exact_y(const bn_call *e, ptrdiff_t c, double x)
 }
 
 
-double bn_exact_dx(const bn_call *e, ptrdiff_t c, double dy, double x)
+double bn_exact_dx(const bn_call *e, ptrdiff_t c, double dy, double x, int trained)
 {
     double inv = 1.0 / sqrt(e->var[c] + e->eps), g = e->gamma ? e->gamma[c] : 1.0;
     double d, xhat, t;
     int twice;
-    if (!e->sdy) return bn_mul3(g, inv, dy);
+    if (!trained || !e->sdy) return bn_mul3(g, inv, dy);
     /* gamma * inv * (dy - mean(dy) - xhat * mean(dy * xhat)) */
     d = bn_difference(x, e->mean[c], &twice);
     xhat = d == 0.0 ? 0.0 : (twice ? 2.0 : 1.0) * (d * inv);

@@ -575,12 +575,12 @@ static void FN(run_exact_y)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst
 
 static void FN(run_exact_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrdiff_t xst,
                              BN_T *dx, ptrdiff_t dxst, ptrdiff_t n, const bn_call *e,
-                             ptrdiff_t c)
+                             ptrdiff_t c, int trained)
 {
     ptrdiff_t i;
     for (i = 0; i < n; ++i)
         BN_ST(dx + i * dxst, (BN_CT)bn_exact_dx(e, c, (double)BN_LD(dy + i * dyst),
-                                                x ? (double)BN_LD(x + i * xst) : 0.0));
+                                                x ? (double)BN_LD(x + i * xst) : 0.0, trained));
 }
 
 /* y[j] = epi((x[j] - m[j]) * a[j] + b[j]) */

@@ -452,7 +452,7 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
                 const BN_T *v = x ? BN_AT(x, xs, o, k, w.i0) : x;
                 BN_T *d = BN_AT(dx, dxs, o, k, w.i0);
                 if (*e->wide && FN(wide)(m, a, b, c, k))
-                    FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, e, k);
+                    FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, e, k, 1);
                 else if (b)
                     FN(run_bwd_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, w.len, m[k], a[k],
                                    b[k], c[k], BN_STREAM_RUN(e, d, w.len), NULL);
@@ -486,7 +486,7 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
             if (wide)
                 for (q = 0; q < end - j; ++q)
                     FN(run_exact_dx)(g + q * dys.channel, 0, v ? v + q * xs.channel : v, 0,
-                                     d + q * dxs.channel, 0, 1, e, k + q);
+                                     d + q * dxs.channel, 0, 1, e, k + q, 1);
             else if (b)
                 FN(cols_bwd_dx)(g, dys.channel, v, xs.channel, d, dxs.channel, end - j, m + k,
                                 a + k, b + k, c + k, BN_STREAM_RUN(e, d, end - j));
@@ -508,9 +508,7 @@ static inline void FN(masked_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T
                                       const bn_call *e, const bn_mask *mk)
 {
     bn_unit w = bn_unit_at(t, s, u);
-    bn_call frozen = *e;
     ptrdiff_t o, k, i, i1, j, end, q;
-    frozen.sdy = NULL;
     if (t->planar) {
         for (o = w.o0; o < w.o0 + w.rows; ++o)
             for (k = w.c0; k < w.c0 + w.cn; ++k) {
@@ -530,8 +528,8 @@ static inline void FN(masked_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T
                     i1 = i + bn_mask_span(mk->m + o * mk->mo + i * mk->mi, mk->mi,
                                           w.i0 + w.len - i, set);
                     if (wide)
-                        FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, i1 - i,
-                                         set ? e : &frozen, k);
+                        FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, i1 - i, e,
+                                         k, set);
                     else if (set)
                         FN(run_bwd_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, i1 - i, m[k],
                                        a[k], b[k], c[k], BN_STREAM_RUN(e, d, i1 - i), NULL);
@@ -553,7 +551,7 @@ static inline void FN(masked_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T
             if (wide)
                 for (q = 0; q < end - j; ++q)
                     FN(run_exact_dx)(g + q * dys.channel, 0, v + q * xs.channel, 0,
-                                     d + q * dxs.channel, 0, 1, set ? e : &frozen, k + q);
+                                     d + q * dxs.channel, 0, 1, e, k + q, set);
             else if (set)
                 FN(cols_bwd_dx)(g, dys.channel, v, xs.channel, d, dxs.channel, end - j, m + k,
                                 a + k, b + k, c + k, BN_STREAM_RUN(e, d, end - j));
