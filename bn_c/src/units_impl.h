@@ -254,31 +254,25 @@ static inline int FN(affine_coefficients)(ptrdiff_t c0, ptrdiff_t cc, const doub
                                            const double *beta, double eps, double n, BN_CT *m,
                                            BN_CT *a, BN_CT *b)
 {
-    /* block by block into local arrays: loops that write only them vectorise (written
-     * straight to m, a, b, which the compiler must assume may alias the inputs, they did
-     * not: scalar, 13% of a (64, 128) training forward in perf) */
-    double scale[BN_MERGE_BLOCK], shift[BN_MERGE_BLOCK];
-    BN_CT mc[BN_MERGE_BLOCK];
-    int lossy[BN_MERGE_BLOCK];
-    ptrdiff_t lo, j, nb;
-    int wide = 0;
-    for (lo = c0; lo < c0 + cc; lo += nb) {
-        nb = bn_min(BN_MERGE_BLOCK, c0 + cc - lo);
-        for (j = 0; j < nb; ++j) {
-            ptrdiff_t c = lo + j;
-            scale[j] = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps);
-            mc[j] = (BN_CT)mean[c];
-            shift[j] = (beta ? beta[c] : 0.0) + ((double)mc[j] - mean[c]) * scale[j];
-            lossy[j] = FN(affine_lossy)(n, var[c], (double)mc[j], scale[j], shift[j]);
-        }
-        /* a lossy channel is marked with what FN(wide) counts (the exact path reads no
-         * coefficient) */
-        for (j = 0; j < nb; ++j) {
-            m[lo + j] = mc[j];
-            a[lo + j] = lossy[j] ? (BN_CT)NAN : (BN_CT)scale[j];
-            b[lo + j] = (BN_CT)shift[j];
-        }
-        for (j = 0; j < nb; ++j) wide += FN(wide)(m, a, b, NULL, lo + j);
+    ptrdiff_t c;
+    int wide = 0, lossy = 0;
+    for (c = c0; c < c0 + cc; ++c) {
+        double scale = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps), shift;
+        m[c] = (BN_CT)mean[c];
+        shift = (beta ? beta[c] : 0.0) + ((double)m[c] - mean[c]) * scale;
+        a[c] = (BN_CT)scale;
+        b[c] = (BN_CT)shift;
+        wide += FN(wide)(m, a, b, NULL, c);
+        lossy |= FN(affine_lossy)(n, var[c], (double)m[c], scale, shift);
+    }
+    /* rare: mark the lossy channels with what FN(wide) counts (the exact path reads no
+     * coefficient); kept out of the loop above, which stays vectorised */
+    for (c = c0; lossy && c < c0 + cc; ++c) {
+        double scale = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps);
+        double shift = (beta ? beta[c] : 0.0) + ((double)m[c] - mean[c]) * scale;
+        if (!FN(wide)(m, a, b, NULL, c) &&
+            FN(affine_lossy)(n, var[c], (double)m[c], scale, shift))
+            a[c] = (BN_CT)NAN, ++wide;
     }
     return wide;
 }
