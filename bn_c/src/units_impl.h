@@ -32,9 +32,11 @@ static inline void FN(add_references)(const bn_tiling *t, const BN_T *x, bn_stri
 }
 
 /* Masked statistics of channel c over a planar unit: sums of d = x - k over the unmasked
- * positions, taken as runs: rows the mask wholly sets go to run_dev together, as in the
- * unmasked unit (so an all-true mask gives its bits), and the set runs of other rows one by
- * one. Returns how many values were summed. */
+ * positions; returns how many values were summed. Contiguous rows and mask (the route
+ * always passes such a mask): one run_dev over the unit with masked lanes zeroed, the
+ * unmasked unit's lanes and order (so an all-true mask gives its bits). Otherwise (callers
+ * of the C API with a strided mask) as runs: rows the mask wholly sets go to run_dev
+ * together, and the set runs of other rows one by one. */
 static inline double FN(masked_run_dev)(const bn_mask *mk, const BN_T *x, bn_strides xs,
                                         const bn_unit *w, ptrdiff_t c, double k, double *sd,
                                         double *sdd)
