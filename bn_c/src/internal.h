@@ -98,6 +98,9 @@ typedef struct bn_mask {
 /* The mask of opt over shape s, or 0 (plain) when opt has none; BN_ERR_ARG for a mask with
  * a channel stride. */
 int bn_mask_of(const bn_options *opt, bn_shape s, bn_mask *mk);
+/* How many positions of each part of tiling t the mask sets (pcount[k], k < t->parts):
+ * the same for every channel, so counted once per call. */
+void bn_part_mask_counts(const bn_tiling *t, bn_shape s, const bn_mask *mk, double *pcount);
 /* Whether the mask sets position (o, i). */
 #define BN_MASKED_IN(mk, o, i) ((mk)->m[(o) * (mk)->mo + (i) * (mk)->mi] != 0)
 /* Plain sums of the partials of the channels of block b, parts in order. */

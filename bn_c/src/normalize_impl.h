@@ -123,6 +123,7 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
         bn_free_aligned(scratch), free(coef);
         return BN_ERR_NOMEM;
     }
+    if (mk.m) bn_part_mask_counts(&t0, s, &mk, scratch + 2 * size);
     nt = bn_threads_for(s.outer * C * s.inner, 2, t0.units);
     if (nt > 1) {
 #ifdef _OPENMP

@@ -228,6 +228,11 @@ int bn_mask_of(const bn_options *opt, bn_shape s, bn_mask *mk)
     if (opt->mask_strides.channel != 0 && s.channels > 1) return BN_ERR_ARG;
     mk->m = opt->mask, mk->mo = opt->mask_strides.outer, mk->mi = opt->mask_strides.inner;
     mk->ro = mk->ri = -1;
+    if (s.inner == 1 && mk->mo == 1) { /* channels-last, one byte per row: one run */
+        mk->count = (double)bn_mask_count(mk->m, s.outer);
+        mk->ro = mk->count > 0 ? bn_mask_span(mk->m, 1, s.outer, 0) : 0, mk->ri = 0;
+        return 0;
+    }
     for (o = 0; o < s.outer; ++o) { /* eight bytes at a time where a row is contiguous */
         const unsigned char *row = mk->m + o * mk->mo;
         ptrdiff_t set = 0;
@@ -240,6 +245,28 @@ int bn_mask_of(const bn_options *opt, bn_shape s, bn_mask *mk)
     }
     if (mk->ro < 0) mk->ro = mk->ri = 0; /* nothing set: every statistic is NaN */
     return 0;
+}
+
+void bn_part_mask_counts(const bn_tiling *t, bn_shape s, const bn_mask *mk, double *pcount)
+{
+    ptrdiff_t k, o, i;
+    for (k = 0; k < t->parts; ++k) {
+        ptrdiff_t ob = t->planar ? k / t->n_ib : k, ib = t->planar ? k % t->n_ib : 0;
+        ptrdiff_t o0 = ob * t->ob, rows = min_p(t->ob, s.outer - o0);
+        ptrdiff_t i0 = ib * t->ib, len = min_p(t->ib, s.inner - i0), set = 0;
+        if (s.inner == 1 && mk->mo == 1) { /* channels-last, one byte per row: one run */
+            pcount[k] = (double)bn_mask_count(mk->m + o0, rows);
+            continue;
+        }
+        for (o = o0; o < o0 + rows; ++o) {
+            const unsigned char *row = mk->m + o * mk->mo + i0 * mk->mi;
+            if (mk->mi == 1)
+                set += bn_mask_count(row, len);
+            else
+                for (i = 0; i < len; ++i) set += row[i * mk->mi] != 0;
+        }
+        pcount[k] = (double)set;
+    }
 }
 
 ptrdiff_t bn_merge_blocks(const bn_tiling *t) { return ceil_div(t->c_count, BN_MERGE_BLOCK); }

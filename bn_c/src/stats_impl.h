@@ -67,6 +67,7 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
     /* partial means and M2, then (masked) the parts' counts */
     scratch = (double *)bn_alloc_aligned(sizeof(double) * (2 * (size_t)size + (size_t)t.parts));
     if (!scratch) return BN_ERR_NOMEM;
+    if (mk.m) bn_part_mask_counts(&t, s, &mk, scratch + 2 * size);
     nt = bn_threads_for(s.outer * s.channels * s.inner, 1, t.units);
     if (nt > 1) {
 #ifdef _OPENMP

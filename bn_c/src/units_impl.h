@@ -32,24 +32,20 @@ static inline void FN(add_references)(const bn_tiling *t, const BN_T *x, bn_stri
 }
 
 /* Masked statistics of channel c over a planar unit: sums of d = x - k over the unmasked
- * positions; returns how many values were summed. Contiguous rows and mask (the route
+ * positions (the unit's count is its part's, bn_part_mask_counts). Contiguous rows and mask (the route
  * always passes such a mask): one run_dev over the unit with masked lanes zeroed, the
  * unmasked unit's lanes and order (so an all-true mask gives its bits). Otherwise (callers
  * of the C API with a strided mask) as runs: rows the mask wholly sets go to run_dev
  * together, and the set runs of other rows one by one. */
-static inline double FN(masked_run_dev)(const bn_mask *mk, const BN_T *x, bn_strides xs,
-                                        const bn_unit *w, ptrdiff_t c, double k, double *sd,
-                                        double *sdd)
+static inline void FN(masked_run_dev)(const bn_mask *mk, const BN_T *x, bn_strides xs,
+                                      const bn_unit *w, ptrdiff_t c, double k, double *sd,
+                                      double *sdd)
 {
     ptrdiff_t o, i, len, full = 0;
-    double n = 0.0;
     if (xs.inner == 1 && mk->mi == 1) { /* one pass, masked lanes: short runs cost nothing */
-        const unsigned char *m0 = mk->m + w->o0 * mk->mo + w->i0;
-        ptrdiff_t set = 0;
-        FN(run_dev)(BN_AT(x, xs, w->o0, c, w->i0), xs.outer, w->rows, w->len, 1, k, sd, sdd, m0,
-                    mk->mo);
-        for (o = 0; o < w->rows; ++o) set += bn_mask_count(m0 + o * mk->mo, w->len);
-        return (double)set;
+        FN(run_dev)(BN_AT(x, xs, w->o0, c, w->i0), xs.outer, w->rows, w->len, 1, k, sd, sdd,
+                    mk->m + w->o0 * mk->mo + w->i0, mk->mo);
+        return;
     }
     for (o = w->o0; o <= w->o0 + w->rows; ++o) {
         const unsigned char *mr = o < w->o0 + w->rows ? mk->m + o * mk->mo + w->i0 * mk->mi : NULL;
@@ -60,36 +56,31 @@ static inline double FN(masked_run_dev)(const bn_mask *mk, const BN_T *x, bn_str
         if (full) /* the whole rows just before o */
             FN(run_dev)(BN_AT(x, xs, o - full, c, w->i0), xs.outer, full, w->len, xs.inner, k,
                         sd, sdd, NULL, 0);
-        n += (double)(full * w->len), full = 0;
+        full = 0;
         for (i = 0; mr && i < w->len; i += len) {
             i += bn_mask_span(mr + i * mk->mi, mk->mi, w->len - i, 0);
             len = bn_mask_span(mr + i * mk->mi, mk->mi, w->len - i, 1);
             if (len)
                 FN(run_dev)(BN_AT(x, xs, o, c, w->i0 + i), xs.outer, 1, len, xs.inner, k, sd,
                             sdd, NULL, 0);
-            n += (double)len;
         }
     }
-    return n;
 }
 
 /* The same over an interleaved unit (inner == 1): runs of consecutive unmasked rows. */
-static inline double FN(masked_cols_dev)(const bn_mask *mk, const BN_T *x, bn_strides xs,
-                                         const bn_unit *w, const double *k, double *sd,
-                                         double *sdd)
+static inline void FN(masked_cols_dev)(const bn_mask *mk, const BN_T *x, bn_strides xs,
+                                       const bn_unit *w, const double *k, double *sd,
+                                       double *sdd)
 {
     const unsigned char *mr = mk->m + w->o0 * mk->mo;
     ptrdiff_t o, len;
-    double n = 0.0;
     for (o = 0; o < w->rows; o += len) {
         o += bn_mask_span(mr + o * mk->mo, mk->mo, w->rows - o, 0);
         len = bn_mask_span(mr + o * mk->mo, mk->mo, w->rows - o, 1);
         if (len)
             FN(cols_dev_rows)(BN_AT(x, xs, w->o0 + o, w->c0, 0), xs.outer, len, xs.channel,
                               w->cn, k, sd, sdd);
-        n += (double)len;
     }
-    return n;
 }
 
 /* The first position of a unit that the mask sets (rows, then inner), or 0 when none. */
@@ -103,22 +94,23 @@ static inline int FN(first_set)(const bn_mask *mk, const bn_unit *w, ptrdiff_t *
     return 0;
 }
 
-/* Partial statistics of a unit over its unmasked positions (see stats_unit); the unit that
- * starts the tiling's channels writes its part's count. */
+/* Partial statistics of a unit over its unmasked positions (see stats_unit), whose number
+ * is its part's count, pcount[w.k] (bn_part_mask_counts: counted once per call, not per
+ * channel). */
 static inline void FN(masked_stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
                                          bn_strides xs, const bn_mask *mk, ptrdiff_t u,
-                                         double *pmean, double *pm2, double *pcount)
+                                         double *pmean, double *pm2, const double *pcount)
 {
     bn_unit w = bn_unit_at(t, s, u);
     ptrdiff_t j, fo, fi;
-    double n = 0.0;
-    if (!FN(first_set)(mk, &w, &fo, &fi)) {
+    double n = pcount[w.k];
+    if (n == 0.0 || !FN(first_set)(mk, &w, &fo, &fi)) {
         for (j = 0; j < w.cn; ++j) pmean[w.slot + j] = pm2[w.slot + j] = 0.0;
     } else if (t->planar) {
         for (j = 0; j < w.cn; ++j) {
             ptrdiff_t c = w.c0 + j;
             double k = (double)BN_LD(BN_AT(x, xs, fo, c, fi)), sd = 0.0, sdd = 0.0, m2;
-            n = FN(masked_run_dev)(mk, x, xs, &w, c, k, &sd, &sdd);
+            FN(masked_run_dev)(mk, x, xs, &w, c, k, &sd, &sdd);
             m2 = sdd - sd * (sd / n);
             if (m2 < sdd * BN_REDO_BELOW) {
                 k = (double)(BN_CT)(k + sd / n), sd = sdd = 0.0;
@@ -133,7 +125,7 @@ static inline void FN(masked_stats_unit)(const bn_tiling *t, bn_shape s, const B
         const BN_T *base = BN_AT(x, xs, fo, w.c0, 0);
         int redo = 0;
         for (j = 0; j < w.cn; ++j) k[j] = (double)BN_LD(base + j * xs.channel), sd[j] = sdd[j] = 0.0;
-        n = FN(masked_cols_dev)(mk, x, xs, &w, k, sd, sdd);
+        FN(masked_cols_dev)(mk, x, xs, &w, k, sd, sdd);
         for (j = 0; j < w.cn; ++j) redo |= sdd[j] - sd[j] * (sd[j] / n) < sdd[j] * BN_REDO_BELOW;
         if (redo) {
             for (j = 0; j < w.cn; ++j)
@@ -145,7 +137,6 @@ static inline void FN(masked_stats_unit)(const bn_tiling *t, bn_shape s, const B
             pm2[w.slot + j] = sdd[j] - sd[j] * (sd[j] / n);
         }
     }
-    if (w.c0 == t->c_begin) pcount[w.k] = n;
 }
 
 static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x, bn_strides xs,
