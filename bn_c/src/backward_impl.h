@@ -124,14 +124,9 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
-            for (u = 0; u < tp.units; ++u) {
-                if (masked)
-                    FN(masked_dx_unit)(&tp, s, g, gs, x, xs, dx, dxs, u, coef, coef + CS, b, c,
-                                       &ex, mk);
-                else
-                    FN(bwd_dx_unit)(&tp, s, g, gs, x, xs, dx, dxs, u, coef, coef + CS, b, c,
-                                    &ex);
-            }
+            for (u = 0; u < tp.units; ++u)
+                FN(bwd_dx_unit)(&tp, s, g, gs, x, xs, dx, dxs, u, coef, coef + CS, b, c, &ex,
+                                masked ? mk : NULL);
         }
     }
 }
