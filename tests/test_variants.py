@@ -1067,10 +1067,18 @@ def _torch_bn(torch, x, dy, gamma, beta, z, mask, axis, eps, stats=None):
     return [a.detach().numpy() for a in (y, xt.grad, gt.grad, bt.grad, zt.grad)]
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
-@pytest.mark.parametrize("dtype", [F32, F64], ids=lambda d: d.name)
-@pytest.mark.parametrize("shape,axis", [((8, 3, 5, 6), 1), ((6, 5, 4, 9), -1), ((40, 7), 1)],
-                         ids=["nchw", "nhwc", "nd"])
+# the epilogue tests' cases: layouts, float32/float64, with and without a mask
+def EPILOGUE_CASES(test):
+    for mark in (pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"]),
+                 pytest.mark.parametrize("dtype", [F32, F64], ids=lambda d: d.name),
+                 pytest.mark.parametrize("shape,axis", [((8, 3, 5, 6), 1), ((6, 5, 4, 9), -1),
+                                                        ((40, 7), 1)],
+                                         ids=["nchw", "nhwc", "nd"])):
+        test = mark(test)
+    return test
+
+
+@EPILOGUE_CASES
 def test_epilogues_match_torch_autograd(shape, axis, dtype, masked):
     torch = require("torch", extra="torch")
     rng = np.random.default_rng(131)
@@ -1153,10 +1161,7 @@ def test_masked_running_statistics_use_the_masked_count(momentum, unbiased):
         assert layer.num_batches_tracked == step + 1
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
-@pytest.mark.parametrize("dtype", [F32, F64], ids=lambda d: d.name)
-@pytest.mark.parametrize("shape,axis", [((8, 3, 5, 6), 1), ((6, 5, 4, 9), -1), ((40, 7), 1)],
-                         ids=["nchw", "nhwc", "nd"])
+@EPILOGUE_CASES
 def test_layer_with_relu_and_residual_matches_the_reference(shape, axis, dtype, masked):
     rng = np.random.default_rng(142)
     c = shape[axis]
