@@ -629,7 +629,8 @@ class BatchNorm:
 def _count(st: Any) -> int:
     """The values per channel of statistics from the kernels: masked ones carry per-channel
     counts, all equal (a mask has no channel axis)."""
-    return int(st.count if np.ndim(st.count) == 0 else st.count[0])
+    n = st.count    # (np.ndim would cost a microsecond a call)
+    return int(n) if isinstance(n, (int, np.integer)) else int(n[0])
 
 
 # The whole batch, as the one "group" of a call without virtual batches.
