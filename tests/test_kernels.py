@@ -62,6 +62,33 @@ def test_available_isas():
     assert cfg["version"] == bn.__version__
 
 
+def _linux_cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+@pytest.mark.skipif(_linux_cpu_flags() is None, reason="needs Linux's /proc/cpuinfo on x86")
+def test_the_best_set_the_cpu_has_is_chosen():
+    """The C core reads cpuid and xgetbv itself; the kernel's own reading of the CPU (which
+    hides what the OS does not save, such as AVX-512 state) must agree, set by set, and the
+    best set is the one a fresh process runs. The x86 build compiles both SIMD sets
+    (meson.options' default)."""
+    flags = _linux_cpu_flags()
+    expected = ["baseline"]
+    if {"avx", "avx2", "fma", "f16c"} <= flags:
+        expected.append("avx2")
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            expected.append("avx512")
+    assert _kernels.available_isas() == tuple(expected)
+    assert run_python("import batchnorm as bn; print(bn.config()['isa'])").strip() == expected[-1]
+
+
 def test_set_isa_switches_and_rejects_unknown_names(isa):
     assert _kernels.active_isa() == isa
     for name in ("avx512", "avx2"):

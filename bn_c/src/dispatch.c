@@ -81,20 +81,71 @@ static const bn_kernels *const all_kernels[] = {
 };
 #define BN_N_KERNELS ((int)(sizeof(all_kernels) / sizeof(all_kernels[0])))
 
-/* Does the CPU (and the OS, which must save the wide registers) support this kernel set? */
+/* CPU features, read from the CPU itself (cpuid) and the OS (xgetbv: whether it saves the
+ * wide registers on a context switch), so that every compiler gets the same answer: MSVC has
+ * no __builtin_cpu_supports. */
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+static void cpuid(unsigned leaf, unsigned sub, unsigned r[4])
+{
+    int v[4];
+    __cpuidex(v, (int)leaf, (int)sub);
+    r[0] = (unsigned)v[0], r[1] = (unsigned)v[1], r[2] = (unsigned)v[2], r[3] = (unsigned)v[3];
+}
+static unsigned long long xgetbv0(void) { return _xgetbv(0); }
+#else
+#include <cpuid.h>
+static void cpuid(unsigned leaf, unsigned sub, unsigned r[4])
+{
+    __cpuid_count(leaf, sub, r[0], r[1], r[2], r[3]);
+}
+/* The instruction, not _xgetbv: that one needs -mxsave on GCC and clang. */
+static unsigned long long xgetbv0(void)
+{
+    unsigned lo, hi;
+    __asm__ __volatile__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+}
+#endif
+
+enum { HAS_AVX2 = 1, HAS_AVX512 = 2 };
+
+static int x86_features(void)
+{
+    unsigned r[4], max_leaf, ecx1, ebx7;
+    unsigned long long xcr0;
+    int have = 0;
+    cpuid(0, 0, r);
+    max_leaf = r[0];
+    if (max_leaf < 7) return 0;
+    cpuid(1, 0, r);
+    ecx1 = r[2];
+    /* OSXSAVE (27) before xgetbv: without it the instruction faults. */
+    if (!(ecx1 & (1u << 27))) return 0;
+    xcr0 = xgetbv0();
+    cpuid(7, 0, r);
+    ebx7 = r[1];
+    /* avx2 set: AVX (ecx1 28), FMA (12), F16C (29), AVX2 (ebx7 5); XMM and YMM state saved. */
+    if ((ecx1 & (1u << 28)) && (ecx1 & (1u << 12)) && (ecx1 & (1u << 29)) &&
+        (ebx7 & (1u << 5)) && (xcr0 & 0x6) == 0x6) {
+        have |= HAS_AVX2;
+        /* avx512 set: F (16), DQ (17), BW (30), VL (31); opmask and ZMM state saved too. */
+        if ((ebx7 & (1u << 16)) && (ebx7 & (1u << 17)) && (ebx7 & (1u << 30)) &&
+            (ebx7 & (1u << 31)) && (xcr0 & 0xE6) == 0xE6)
+            have |= HAS_AVX512;
+    }
+    return have;
+}
+#endif
+
+/* Can this CPU run this kernel set? */
 static int cpu_supports(const char *name)
 {
     if (strcmp(name, "baseline") == 0) return 1;
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-    __builtin_cpu_init();
-    if (strcmp(name, "avx2") == 0)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
-    if (strcmp(name, "avx512") == 0)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-               __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
+    if (strcmp(name, "avx2") == 0) return (x86_features() & HAS_AVX2) != 0;
+    if (strcmp(name, "avx512") == 0) return (x86_features() & HAS_AVX512) != 0;
 #endif
     return 0;
 }
@@ -108,19 +159,38 @@ static const bn_kernels *find_kernels(const char *name)
     return NULL;
 }
 
-static const bn_kernels *active = NULL;
+/* The active kernel set, chosen at the first call (the Python package makes it at import) or
+ * by bn_set_isa. Threads that race to the first call choose the same set; the atomic makes the
+ * race well defined (an acquire load is a plain load on x86 and arm64). */
+#if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L && !defined(__STDC_NO_ATOMICS__)
+#include <stdatomic.h>
+static const bn_kernels *_Atomic active = NULL;
+#define LOAD_ACTIVE() atomic_load_explicit(&active, memory_order_acquire)
+#define STORE_ACTIVE(k) atomic_store_explicit(&active, (k), memory_order_release)
+#else
+static const bn_kernels *volatile active = NULL;
+#define LOAD_ACTIVE() active
+#define STORE_ACTIVE(k) (active = (k))
+#endif
+
+static const bn_kernels *choose_kernels(void)
+{
+    const char *forced = getenv("BATCHNORM_ISA");
+    const bn_kernels *k = forced && *forced ? find_kernels(forced) : NULL;
+    int i;
+    for (i = BN_N_KERNELS - 1; !k && i >= 0; --i)
+        if (cpu_supports(all_kernels[i]->name)) k = all_kernels[i];
+    return k;
+}
 
 static const bn_kernels *kernels(void)
 {
-    if (!active) {
-        const char *forced = getenv("BATCHNORM_ISA");
-        const bn_kernels *k = forced && *forced ? find_kernels(forced) : NULL;
-        int i;
-        for (i = BN_N_KERNELS - 1; !k && i >= 0; --i)
-            if (cpu_supports(all_kernels[i]->name)) k = all_kernels[i];
-        active = k;
+    const bn_kernels *k = LOAD_ACTIVE();
+    if (!k) {
+        k = choose_kernels();
+        STORE_ACTIVE(k);
     }
-    return active;
+    return k;
 }
 
 const char *bn_active_isa(void) { return kernels()->name; }
@@ -131,7 +201,7 @@ int bn_set_isa(const char *name)
 {
     const bn_kernels *k = find_kernels(name);
     if (!k) return BN_ERR_ISA;
-    active = k;
+    STORE_ACTIVE(k);
     return BN_OK;
 }
 
