@@ -2,16 +2,17 @@
 
 The floor is the fastest of NumPy's copy ``x -> y`` on one thread and over slices in as many
 threads as batchnorm uses (``x + dy -> dx`` for backward); see common.Floor. The operation
-writes into a preallocated ``out=``; every destination lies half a page from x (common.apart); statistics only read ``x`` and are quoted against the
-copy too (their ideal is below 1). float32. Floor and operation run round-robin, and the
-ratio is the median over rounds of the two samples of a round (common.interleaved_ratio):
-the ratio is what to compare across commits, the absolute times move with machine load.
+writes into a preallocated ``out=``; every destination lies half a page from x (common.apart);
+statistics only read ``x`` and are quoted against the copy too (their ideal is below 1). float32. Floor and operation run round-robin, and the
+ratio is that of the fastest samples (common.interleaved_ratio): the ratio is what to compare
+across commits, the absolute times move with machine load.
 
 RatioToFloor: batchnorm's default threads (all cores), as in issue 3's targets. On a shared
 2-core virtual machine two threads are at the mercy of the host (the ratio moved by up to
 1.5x between runs), so these are for watching, not for flagging.
-RatioToFloorOneThread: the same on one thread (batchnorm and the floor), which moved by a few
-percent: the kernels' part of the regression set (benchmarks/README.md).
+RatioToFloorOneThread: the same on one thread (batchnorm and the floor), over shapes that stay
+in one core's cache (common.REGRESSION_SHAPES), whose ratios moved by a few percent between
+runs: the kernels' part of the regression set (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 import batchnorm as bn
 
-from .common import LAYOUTS, SHAPES, Floor, apart, inputs, interleaved_ratio
+from .common import LAYOUTS, REGRESSION_SHAPES, SHAPES, Floor, apart, inputs, interleaved_ratio
 
 OPS = ["batch_stats", "forward_train", "forward_eval", "backward"]
 
@@ -61,4 +62,5 @@ class RatioToFloor:
 
 
 class RatioToFloorOneThread(RatioToFloor):
+    params = [REGRESSION_SHAPES, LAYOUTS, OPS]
     threads = 1
