@@ -4,8 +4,10 @@
 
 On a shared machine a tracked ratio now and then moves by up to ~1.3x for the length of one
 measurement (another tenant's burst), on one benchmark; a real slowdown moves the same
-benchmarks every time. So every ratio that ``asv continuous`` flags is measured again, on
-both commits (the builds are cached), and only a ratio flagged both times is reported.
+benchmarks every time. So every ratio that ``asv continuous`` flags is measured again on both
+commits (the builds are cached), and each commit keeps the lower of its two figures (noise
+only adds time, on either side): a slowdown is confirmed when B's best exceeds A's best by
+the factor.
 Exit status: 0 when nothing is confirmed, 1 when something is, 2 when asv failed.
 See README.md ("Regressions: the workflow") for the spread, the factor and the timings.
 """
@@ -35,17 +37,30 @@ def asv_continuous(a: str, b: str, bench: str, factor: float, extra: list) -> st
     return proc.stdout
 
 
-def flagged(a: str, b: str, factor: float) -> list:
-    """Names (with parameters) of the benchmarks ``asv compare`` marks worse ('+') or newly
-    failing ('!') from a to b."""
-    out = subprocess.run(["asv", "compare", "--only-changed", "--factor", str(factor), a, b],
+def figures(a: str, b: str, factor: float) -> dict:
+    """Every benchmark of ``asv compare`` from a to b: {name with parameters: (mark, a's figure,
+    b's figure)}; the mark is asv's ('+' worse by more than the factor, '!' newly failing,
+    '-' better, ' ' neither), a figure None where it failed or is missing."""
+    out = subprocess.run(["asv", "compare", "--factor", str(factor), a, b],
                          capture_output=True, text=True, check=True).stdout
-    names = []
+    found = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 5 and cells[0] in ("+", "!"):
-            names.append(cells[-1])
-    return names
+        if len(cells) >= 5 and "." in cells[-1] and not cells[-1].startswith("Benchmark"):
+            found[cells[-1]] = (cells[0], _figure(cells[1]), _figure(cells[2]))
+    return found
+
+
+def _figure(cell: str):
+    match = re.match(r"[-+0-9.eE]+", cell)
+    try:
+        return float(match.group()) if match else None
+    except ValueError:
+        return None
+
+
+def _best(x, y):
+    return min(v for v in (x, y) if v is not None) if (x, y) != (None, None) else None
 
 
 def main(argv=None) -> int:
@@ -59,19 +74,29 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
 
     asv_continuous(args.a, args.b, args.bench, args.factor, extra)
-    first = flagged(args.a, args.b, args.factor)
+    first = {name: (fa, fb) for name, (mark, fa, fb) in
+             figures(args.a, args.b, args.factor).items() if mark in ("+", "!")}
     if not first:
         print(f"\nregressions: nothing flagged (factor {args.factor})")
         return 0
     print(f"\nregressions: {len(first)} flagged; measuring them again on both commits")
     again = "|".join("^" + re.escape(name) + "$" for name in first)
     asv_continuous(args.a, args.b, again, args.factor, extra)
-    second = set(flagged(args.a, args.b, args.factor))
-    confirmed = [name for name in first if name in second]
-    for name in first:
-        print(f"  {'CONFIRMED' if name in confirmed else 'not repeated (noise)':>20}  {name}")
+    second = {name: (fa, fb) for name, (_, fa, fb) in figures(args.a, args.b, args.factor).items()}
+    confirmed = []
+    for name, (a1, b1) in first.items():
+        a2, b2 = second.get(name, (None, None))
+        a_best, b_best = _best(a1, a2), _best(b1, b2)
+        # a figure that failed on b (None) is a regression whatever a did
+        worse = b_best is None or (a_best is not None and b_best > args.factor * a_best)
+        ratio = "failed" if b_best is None else (
+            f"{b_best / a_best:.2f}x" if a_best else "n/a")
+        print(f"  {'CONFIRMED' if worse else 'not confirmed':>13}  {ratio:>7}  {name}")
+        if worse:
+            confirmed.append(name)
     if confirmed:
-        print(f"\nregressions: {len(confirmed)} slower by more than {args.factor}x, twice")
+        print(f"\nregressions: {len(confirmed)} slower by more than {args.factor}x (best of two "
+              f"measurements of each commit)")
         return 1
     print(f"\nregressions: none confirmed (factor {args.factor})")
     return 0
