@@ -3,7 +3,8 @@
  *   BN_T   storage type            BN_TN  name suffix (f32, f64, f16, bf16)
  *   BN_CT  compute type of the elementwise passes (float, or double for f64)
  *   BN_LD(p) / BN_ST(p, v)  load one element as BN_CT / store one
- * and, with AVX2+FMA (BN_SIMD), vectors of BN_CT:
+ * and, from the ISA header it includes (simd/avx2.h, simd/avx512.h; simd/scalar.h: BN_SIMD 0),
+ * vectors of BN_CT:
  *   BN_V, BN_W (lanes), BN_VLD(p) / BN_VST(p, v) from/to storage, BN_VLDC(p) from a BN_CT array,
  *   BN_VSET1, BN_VSUB, BN_VMUL, BN_VFMA, BN_VADD, BN_VMAX (max(a, b): b when either is NaN),
  *   BN_LOAD4D(p)  4 elements widened to double, for the float64 accumulators,
@@ -12,7 +13,9 @@
  * With AVX-512 (BN_AVX512), float32 and float64 use 512-bit vectors, and BN_VMASK says that
  * BN_VLD_N(p, r) / BN_VST_N(p, v, r) load and store the first r < BN_W lanes (masked tails);
  * BN_LOAD8D(p) widens 8 elements of any type to a 512-bit double vector. Every lane computes
- * what the scalar code computes, so the vector width never changes a result.
+ * what the scalar code computes, so the vector width never changes a result. The ISA headers
+ * also give vkeep_<type> (masked lanes made +0.0), and, once, the reductions' bn_d16 (sixteen
+ * double accumulators), bn_d4 (four) and BN_SFENCE().
  * No include guard: included once per instantiation. */
 #include <float.h>
 
@@ -88,111 +91,24 @@
 #define BN_ST(p, v) (*(p) = (v))
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define BN_SIMD 1
-#include <immintrin.h>
+/* The vector vocabulary of the kernel set being compiled: one header per ISA (simd/), chosen
+ * by the compiler flags that meson gives each set. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VL__)
-#define BN_AVX512 1
+    defined(__AVX512VL__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "simd/avx512.h"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "simd/avx2.h"
 #else
-#define BN_AVX512 0
-#endif
-#if BN_AVX512 && BN_KIND == BN_KIND_F64
-#define BN_V __m512d
-#define BN_W 8
-#define BN_VLD _mm512_loadu_pd
-#define BN_VST _mm512_storeu_pd
-#define BN_VLDC _mm512_loadu_pd
-#define BN_VSET1 _mm512_set1_pd
-#define BN_VSUB _mm512_sub_pd
-#define BN_VMUL _mm512_mul_pd
-#define BN_VFMA _mm512_fmadd_pd
-#define BN_VADD _mm512_add_pd
-#define BN_VMAX _mm512_max_pd
-#define BN_LOAD4D(p) _mm256_loadu_pd(p)
-#define BN_LOAD8D(p) _mm512_loadu_pd(p)
-#define BN_VSTNT _mm512_stream_pd
-#define BN_CAN_STREAM 1
-#define BN_VBYTES 64
-#define BN_VMASK 1
-#define BN_VLD_N(p, r) _mm512_maskz_loadu_pd((__mmask8)((1u << (r)) - 1), p)
-#define BN_VST_N(p, v, r) _mm512_mask_storeu_pd(p, (__mmask8)((1u << (r)) - 1), v)
-#elif BN_AVX512 && BN_KIND == BN_KIND_F32
-#define BN_V __m512
-#define BN_W 16
-#define BN_VLD _mm512_loadu_ps
-#define BN_VST _mm512_storeu_ps
-#define BN_VLDC _mm512_loadu_ps
-#define BN_VSET1 _mm512_set1_ps
-#define BN_VSUB _mm512_sub_ps
-#define BN_VMUL _mm512_mul_ps
-#define BN_VFMA _mm512_fmadd_ps
-#define BN_VADD _mm512_add_ps
-#define BN_VMAX _mm512_max_ps
-#define BN_LOAD4D(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
-#define BN_LOAD8D(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
-#define BN_VSTNT _mm512_stream_ps
-#define BN_CAN_STREAM 1
-#define BN_VBYTES 64
-#define BN_VMASK 1
-#define BN_VLD_N(p, r) _mm512_maskz_loadu_ps((__mmask16)((1u << (r)) - 1), p)
-#define BN_VST_N(p, v, r) _mm512_mask_storeu_ps(p, (__mmask16)((1u << (r)) - 1), v)
-#elif BN_KIND == BN_KIND_F64
-#define BN_V __m256d
-#define BN_W 4
-#define BN_VLD _mm256_loadu_pd
-#define BN_VST _mm256_storeu_pd
-#define BN_VLDC _mm256_loadu_pd
-#define BN_VSET1 _mm256_set1_pd
-#define BN_VSUB _mm256_sub_pd
-#define BN_VMUL _mm256_mul_pd
-#define BN_VFMA _mm256_fmadd_pd
-#define BN_VADD _mm256_add_pd
-#define BN_VMAX _mm256_max_pd
-#define BN_LOAD4D(p) _mm256_loadu_pd(p)
-#define BN_VSTNT _mm256_stream_pd
-#define BN_CAN_STREAM 1
-#else
-#define BN_V __m256
-#define BN_W 8
-#define BN_VLDC _mm256_loadu_ps
-#define BN_VSET1 _mm256_set1_ps
-#define BN_VSUB _mm256_sub_ps
-#define BN_VMUL _mm256_mul_ps
-#define BN_VFMA _mm256_fmadd_ps
-#define BN_VADD _mm256_add_ps
-#define BN_VMAX _mm256_max_ps
-#if BN_KIND == BN_KIND_F32
-#define BN_VLD _mm256_loadu_ps
-#define BN_VST _mm256_storeu_ps
-#define BN_LOAD4D(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
-#define BN_VSTNT _mm256_stream_ps
-#define BN_CAN_STREAM 1
-#elif BN_KIND == BN_KIND_F16
-#define BN_VLD bn_load8_f16
-#define BN_VST bn_store8_f16
-#define BN_LOAD4D(p) _mm256_cvtps_pd(bn_load4_f16(p))
-#if BN_AVX512
-#define BN_LOAD8D(p) _mm512_cvtps_pd(bn_load8_f16(p))
-#endif
-#else
-#define BN_VLD bn_load8_bf16
-#define BN_VST bn_store8_bf16
-#define BN_LOAD4D(p) _mm256_cvtps_pd(bn_load4_bf16(p))
-#if BN_AVX512
-#define BN_LOAD8D(p) _mm512_cvtps_pd(bn_load8_bf16(p))
-#endif
-#endif
+#include "simd/scalar.h"
 #endif
 #ifndef BN_CAN_STREAM
 #define BN_CAN_STREAM 0
+#endif
+#if BN_SIMD
+#if !BN_CAN_STREAM
 #define BN_VSTNT BN_VST
 #endif
 #define BN_VSTS(stream, p, v) ((stream) ? BN_VSTNT(p, v) : BN_VST(p, v))
-#else
-#define BN_SIMD 0
-#define BN_AVX512 0
-#define BN_CAN_STREAM 0
 #endif
 /* Bytes of one vector, the alignment non-temporal stores need. */
 #ifndef BN_VBYTES

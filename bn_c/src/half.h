@@ -1,4 +1,4 @@
-/* float16 and bfloat16 <-> float32, scalar and (with AVX2/F16C) 8 at a time. Round to
+/* float16 and bfloat16 <-> float32, one value at a time (8 at a time: simd/x86.h). Round to
  * nearest even; NaN stays NaN (quiet), inf stays inf, float16 subnormals are exact. */
 #ifndef BN_HALF_H
 #define BN_HALF_H
@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__F16C__)
+#if defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -74,46 +74,5 @@ static inline uint16_t bn_f32_to_bf16(float f)
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-#if defined(__AVX2__) && defined(__F16C__)
-static inline __m256 bn_load8_f16(const uint16_t *p)
-{
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-}
-
-static inline void bn_store8_f16(uint16_t *p, __m256 v)
-{
-    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-
-static inline __m128 bn_load4_f16(const uint16_t *p)
-{
-    return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
-}
-
-static inline __m256 bn_load8_bf16(const uint16_t *p)
-{
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-
-static inline __m128 bn_load4_bf16(const uint16_t *p)
-{
-    __m128i w = _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)p));
-    return _mm_castsi128_ps(_mm_slli_epi32(w, 16));
-}
-
-static inline void bn_store8_bf16(uint16_t *p, __m256 v)
-{
-    __m256i u = _mm256_castps_si256(v);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
-    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
-    r = _mm256_srli_epi32(r, 16);
-    /* packus works within 128-bit lanes: gather the two low quadwords */
-    r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(r));
-}
-#endif
 
 #endif

@@ -11,166 +11,6 @@
 
 #define FN(name) BN_CAT2(name, BN_TN)
 
-#if BN_SIMD && !defined(BN_D16_DEFINED)
-#define BN_D16_DEFINED
-/* Sixteen double accumulators: lane k sums the elements k mod 16 of a run, or channel k of a
- * block of 16. Four 256-bit vectors with AVX2, two 512-bit ones with AVX-512; each lane does
- * the same operations in the same order either way, and bn_d16_hsum adds the lanes in one
- * fixed order, so both give the same bits. */
-#if BN_AVX512
-typedef struct bn_d16 {
-    __m512d lo, hi; /* lanes 0-7, 8-15 */
-} bn_d16;
-static inline bn_d16 bn_d16_of(__m512d lo, __m512d hi)
-{
-    bn_d16 r;
-    r.lo = lo, r.hi = hi;
-    return r;
-}
-static inline bn_d16 bn_d16_set1(double v) { return bn_d16_of(_mm512_set1_pd(v), _mm512_set1_pd(v)); }
-static inline bn_d16 bn_d16_loadu(const double *p)
-{
-    return bn_d16_of(_mm512_loadu_pd(p), _mm512_loadu_pd(p + 8));
-}
-static inline void bn_d16_storeu(double *p, bn_d16 v)
-{
-    _mm512_storeu_pd(p, v.lo), _mm512_storeu_pd(p + 8, v.hi);
-}
-static inline bn_d16 bn_d16_add(bn_d16 a, bn_d16 b)
-{
-    return bn_d16_of(_mm512_add_pd(a.lo, b.lo), _mm512_add_pd(a.hi, b.hi));
-}
-static inline bn_d16 bn_d16_sub(bn_d16 a, bn_d16 b)
-{
-    return bn_d16_of(_mm512_sub_pd(a.lo, b.lo), _mm512_sub_pd(a.hi, b.hi));
-}
-/* a * b + c */
-static inline bn_d16 bn_d16_fma(bn_d16 a, bn_d16 b, bn_d16 c)
-{
-    return bn_d16_of(_mm512_fmadd_pd(a.lo, b.lo, c.lo), _mm512_fmadd_pd(a.hi, b.hi, c.hi));
-}
-/* lanes 0-3 only (a run's tail of whole 4-vectors): acc += e, acc += e * f */
-static inline bn_d16 bn_d16_add4(bn_d16 acc, __m256d e)
-{
-    acc.lo = _mm512_mask_add_pd(acc.lo, 0x0F, acc.lo, _mm512_castpd256_pd512(e));
-    return acc;
-}
-static inline bn_d16 bn_d16_fma4(bn_d16 acc, __m256d e, __m256d f)
-{
-    acc.lo = _mm512_mask3_fmadd_pd(_mm512_castpd256_pd512(e), _mm512_castpd256_pd512(f), acc.lo,
-                                   0x0F);
-    return acc;
-}
-static inline __m256d bn_d16_quarter(bn_d16 v, int k)
-{
-    __m512d h = k < 2 ? v.lo : v.hi;
-    return k % 2 ? _mm512_extractf64x4_pd(h, 1) : _mm512_castpd512_pd256(h);
-}
-#define BN_LOAD16D(p) bn_d16_of(BN_LOAD8D(p), BN_LOAD8D((p) + 8))
-#else
-typedef struct bn_d16 {
-    __m256d q[4]; /* lanes 0-3, 4-7, 8-11, 12-15 */
-} bn_d16;
-static inline bn_d16 bn_d16_of(__m256d a, __m256d b, __m256d c, __m256d d)
-{
-    bn_d16 r;
-    r.q[0] = a, r.q[1] = b, r.q[2] = c, r.q[3] = d;
-    return r;
-}
-static inline bn_d16 bn_d16_set1(double v)
-{
-    __m256d a = _mm256_set1_pd(v);
-    return bn_d16_of(a, a, a, a);
-}
-static inline bn_d16 bn_d16_loadu(const double *p)
-{
-    return bn_d16_of(_mm256_loadu_pd(p), _mm256_loadu_pd(p + 4), _mm256_loadu_pd(p + 8),
-                     _mm256_loadu_pd(p + 12));
-}
-static inline void bn_d16_storeu(double *p, bn_d16 v)
-{
-    _mm256_storeu_pd(p, v.q[0]), _mm256_storeu_pd(p + 4, v.q[1]);
-    _mm256_storeu_pd(p + 8, v.q[2]), _mm256_storeu_pd(p + 12, v.q[3]);
-}
-static inline bn_d16 bn_d16_add(bn_d16 a, bn_d16 b)
-{
-    return bn_d16_of(_mm256_add_pd(a.q[0], b.q[0]), _mm256_add_pd(a.q[1], b.q[1]),
-                     _mm256_add_pd(a.q[2], b.q[2]), _mm256_add_pd(a.q[3], b.q[3]));
-}
-static inline bn_d16 bn_d16_sub(bn_d16 a, bn_d16 b)
-{
-    return bn_d16_of(_mm256_sub_pd(a.q[0], b.q[0]), _mm256_sub_pd(a.q[1], b.q[1]),
-                     _mm256_sub_pd(a.q[2], b.q[2]), _mm256_sub_pd(a.q[3], b.q[3]));
-}
-static inline bn_d16 bn_d16_fma(bn_d16 a, bn_d16 b, bn_d16 c)
-{
-    return bn_d16_of(_mm256_fmadd_pd(a.q[0], b.q[0], c.q[0]),
-                     _mm256_fmadd_pd(a.q[1], b.q[1], c.q[1]),
-                     _mm256_fmadd_pd(a.q[2], b.q[2], c.q[2]),
-                     _mm256_fmadd_pd(a.q[3], b.q[3], c.q[3]));
-}
-static inline bn_d16 bn_d16_add4(bn_d16 acc, __m256d e)
-{
-    acc.q[0] = _mm256_add_pd(acc.q[0], e);
-    return acc;
-}
-static inline bn_d16 bn_d16_fma4(bn_d16 acc, __m256d e, __m256d f)
-{
-    acc.q[0] = _mm256_fmadd_pd(e, f, acc.q[0]);
-    return acc;
-}
-static inline __m256d bn_d16_quarter(bn_d16 v, int k) { return v.q[k]; }
-#define BN_LOAD16D(p) \
-    bn_d16_of(BN_LOAD4D(p), BN_LOAD4D((p) + 4), BN_LOAD4D((p) + 8), BN_LOAD4D((p) + 12))
-#endif
-
-/* Masked reductions: lanes whose mask byte is 0 become +0.0, which leaves an accumulator
- * unchanged (none holds -0.0: sums start at +0.0). bn_d16_keep takes 16 mask bytes,
- * bn_d4_keep 4 (for lanes 0-3). Same bits with AVX2 and AVX-512. */
-#if BN_AVX512
-static inline bn_d16 bn_d16_keep(bn_d16 e, const unsigned char *mb)
-{
-    __m128i b = _mm_loadu_si128((const __m128i *)mb);
-    __mmask16 k = _mm_test_epi8_mask(b, b);
-    return bn_d16_of(_mm512_maskz_mov_pd((__mmask8)k, e.lo),
-                     _mm512_maskz_mov_pd((__mmask8)(k >> 8), e.hi));
-}
-static inline __m256d bn_d4_keep(__m256d e, const unsigned char *mb)
-{
-    int32_t w;
-    __m128i b;
-    memcpy(&w, mb, 4);
-    b = _mm_cvtsi32_si128(w);
-    return _mm256_maskz_mov_pd((__mmask8)_mm_test_epi8_mask(b, b), e);
-}
-#else
-static inline __m256d bn_d4_keep(__m256d e, const unsigned char *mb)
-{
-    int32_t w;
-    __m256i z;
-    memcpy(&w, mb, 4);
-    z = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(_mm_cvtsi32_si128(w)), _mm256_setzero_si256());
-    return _mm256_andnot_pd(_mm256_castsi256_pd(z), e);
-}
-static inline bn_d16 bn_d16_keep(bn_d16 e, const unsigned char *mb)
-{
-    return bn_d16_of(bn_d4_keep(e.q[0], mb), bn_d4_keep(e.q[1], mb + 4),
-                     bn_d4_keep(e.q[2], mb + 8), bn_d4_keep(e.q[3], mb + 12));
-}
-#endif
-
-/* ((q0 + q1) + (q2 + q3)), then (v0 + v2) + (v1 + v3) of that: a fixed order, so results are
- * reproducible */
-static inline double bn_d16_hsum(bn_d16 v)
-{
-    __m256d t = _mm256_add_pd(_mm256_add_pd(bn_d16_quarter(v, 0), bn_d16_quarter(v, 1)),
-                              _mm256_add_pd(bn_d16_quarter(v, 2), bn_d16_quarter(v, 3)));
-    __m128d lo = _mm256_castpd256_pd128(t), hi = _mm256_extractf128_pd(t, 1);
-    __m128d s = _mm_add_pd(lo, hi);
-    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-}
-#endif
-
 /* Reductions over a plane: `rows` runs of n elements (element stride st, row stride rs) of
  * one channel. Vector accumulators live across all the rows and are reduced once at the end,
  * so short runs (small images) cost no per-row horizontal sums. */
@@ -185,7 +25,7 @@ BN_ALWAYS_INLINE void FN(run_dev)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, p
     double d0 = 0, d1 = 0, q0 = 0, q1 = 0;
     ptrdiff_t r, i;
 #if BN_SIMD
-    __m256d vm4 = _mm256_set1_pd(m);
+    bn_d4 vm4 = bn_d4_set1(m);
     bn_d16 vm = bn_d16_set1(m), vs = bn_d16_set1(0.0), vq = vs;
 #endif
     for (r = 0; r < rows; ++r) {
@@ -200,7 +40,7 @@ BN_ALWAYS_INLINE void FN(run_dev)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, p
                 vs = bn_d16_add(vs, e), vq = bn_d16_fma(e, e, vq);
             }
             for (; i + 4 <= n; i += 4) {
-                __m256d e0 = _mm256_sub_pd(BN_LOAD4D(p + i), vm4);
+                bn_d4 e0 = bn_d4_sub(BN_LOAD4D(p + i), vm4);
                 if (mk) e0 = bn_d4_keep(e0, mr + i);
                 vs = bn_d16_add4(vs, e0), vq = bn_d16_fma4(vq, e0, e0);
             }
@@ -238,7 +78,7 @@ static inline void FN(run_bwd_sums)(const BN_T *dy, ptrdiff_t dyrs, ptrdiff_t dy
     double s0 = 0, s1 = 0, p0 = 0, p1 = 0;
     ptrdiff_t r, i;
 #if BN_SIMD
-    __m256d vm4 = _mm256_set1_pd(m);
+    bn_d4 vm4 = bn_d4_set1(m);
     bn_d16 vm = bn_d16_set1(m), vg = bn_d16_set1(0.0), vh = vg;
 #endif
     for (r = 0; r < rows; ++r) {
@@ -252,9 +92,9 @@ static inline void FN(run_bwd_sums)(const BN_T *dy, ptrdiff_t dyrs, ptrdiff_t dy
                 vh = bn_d16_fma(a, bn_d16_sub(BN_LOAD16D(px + i), vm), vh);
             }
             for (; i + 4 <= n; i += 4) {
-                __m256d a = BN_LOAD4D(pg + i);
+                bn_d4 a = BN_LOAD4D(pg + i);
                 vg = bn_d16_add4(vg, a);
-                vh = bn_d16_fma4(vh, a, _mm256_sub_pd(BN_LOAD4D(px + i), vm4));
+                vh = bn_d16_fma4(vh, a, bn_d4_sub(BN_LOAD4D(px + i), vm4));
             }
 #endif
             for (; i + 2 <= n; i += 2) {
@@ -305,46 +145,6 @@ static inline BN_V FN(vepi_n)(BN_V v, const BN_T *z, int relu, ptrdiff_t r)
     if (z) v = BN_VADD(v, BN_VLD_N(z, r));
     if (relu) v = BN_VMAX(BN_VSET1(0), v);
     return v;
-}
-#endif
-#endif
-
-#if BN_SIMD
-/* Lanes of a compute-type vector whose mask byte (BN_W of them at mb) is 0 become +0.0. */
-static inline BN_V FN(vkeep)(BN_V v, const unsigned char *mb)
-{
-#if BN_AVX512 && BN_W == 16
-    __m128i b = _mm_loadu_si128((const __m128i *)mb);
-    return _mm512_maskz_mov_ps(_mm_test_epi8_mask(b, b), v);
-#elif BN_AVX512
-    __m128i b = _mm_loadl_epi64((const __m128i *)mb);
-#if BN_KIND == BN_KIND_F64
-    return _mm512_maskz_mov_pd((__mmask8)_mm_test_epi8_mask(b, b), v);
-#else
-    return _mm256_maskz_mov_ps((__mmask8)_mm_test_epi8_mask(b, b), v);
-#endif
-#elif BN_W == 8
-    __m256i z = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)mb)),
-                                   _mm256_setzero_si256());
-    return _mm256_andnot_ps(_mm256_castsi256_ps(z), v);
-#else
-    int32_t w;
-    __m256i z;
-    memcpy(&w, mb, 4);
-    z = _mm256_cmpeq_epi64(_mm256_cvtepu8_epi64(_mm_cvtsi32_si128(w)), _mm256_setzero_si256());
-    return _mm256_andnot_pd(_mm256_castsi256_pd(z), v);
-#endif
-}
-#if BN_VMASK
-/* The same for the first r < BN_W lanes (a masked tail: no byte past them is read). */
-static inline BN_V FN(vkeep_n)(BN_V v, const unsigned char *mb, ptrdiff_t r)
-{
-    __m128i b = _mm_maskz_loadu_epi8((__mmask16)((1u << r) - 1), mb);
-#if BN_W == 16
-    return _mm512_maskz_mov_ps(_mm_test_epi8_mask(b, b), v);
-#else
-    return _mm512_maskz_mov_pd((__mmask8)_mm_test_epi8_mask(b, b), v);
-#endif
 }
 #endif
 #endif

@@ -301,7 +301,7 @@ static inline int FN(flat_rows)(const bn_tiling *t, bn_shape s, bn_strides st, i
 static inline void FN(stream_fence)(int stream)
 {
 #if BN_SIMD
-    if (stream && BN_CAN_STREAM) _mm_sfence();
+    if (stream && BN_CAN_STREAM) BN_SFENCE();
 #else
     (void)stream;
 #endif
