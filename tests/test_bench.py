@@ -513,3 +513,76 @@ def test_asv_user_suite_runs_once(monkeypatch, threads):
         ratios.setup(shape, call)
         ratio = ratios.track_ratio_to_plain(shape, call)
         assert math.isfinite(ratio) and ratio > 0, call
+
+
+@pytest.mark.skipif(not (ASV_DIR / "benchmarks" / "common.py").exists(),
+                    reason="the asv suite is not in this tree")
+def test_asv_ratio_is_that_of_the_fastest_samples(monkeypatch):
+    """Noise only adds time: the tracked ratio is min(op) / min(fastest reference), so a slow
+    spell on a few samples of either side leaves it where it was."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ASV_DIR))
+    common = importlib.import_module("benchmarks.common")
+    samples = {"op": [3.0, 9.0, 3.3, 2.0, 50.0], "copy": [1.1, 1.0, 7.0, 1.2, 1.0],
+               "add": [0.8, 0.9, 5.0, 0.85, 0.81]}
+    monkeypatch.setattr(common, "interleaved_samples", lambda cands, **kw: samples)
+    assert common.interleaved_ratio(None, {"copy": None}) == 2.0
+    assert common.interleaved_ratio(None, {"copy": None, "add": None}) == 2.0 / 0.8
+
+
+def _asv_compare_output(rows):
+    """What `asv compare` prints (its GitHub-style table) for rows (mark, a, b, name)."""
+    lines = ["| Change   | Before [aaaa] <main>   | After [bbbb] <b>   | Ratio   | "
+             "Benchmark (Parameter)   |",
+             "|----------|------------------------|--------------------|---------|"
+             "-------------------------|"]
+    for mark, a, b, name in rows:
+        lines.append(f"| {mark:8s} | {a} | {b} | {b / a:.2f} | {name} |")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.skipif(not (ASV_DIR / "regressions.py").exists(),
+                    reason="the asv suite is not in this tree")
+def test_regression_check_confirms_on_the_best_of_two_figures(monkeypatch, capsys):
+    """regressions.py with asv replaced by canned tables: a burst on one measurement is not
+    reported, a slowdown is, even when the rerun measured the reference slowly."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ASV_DIR))
+    regressions = importlib.import_module("regressions")
+    noise = "bench_floor.RatioToFloorOneThread.track_ratio_to_floor('32x251x7x7', 'nchw', 'x')"
+    real = "bench_floor.RatioToFloorOneThread.track_ratio_to_floor('8x32x8x8', 'nchw', 'y')"
+    steady = "bench_user.UserRatios.track_ratio_to_copy('4x4', 'layer_eval')"
+    passes = {  # per asv continuous call: the figures asv compare then prints
+        1: [("+", 3.35, 4.39, noise), ("+", 3.57, 5.05, real), ("", 4.9, 5.0, steady)],
+        2: [("", 3.36, 3.40, noise), ("", 4.49, 5.02, real)],
+    }
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        if cmd[1] == "continuous":
+            calls.append(cmd[cmd.index("--bench") + 1])
+            return SimpleNamespace(returncode=1, stdout="", stderr="")
+        factor = float(cmd[cmd.index("--factor") + 1])
+        rows = [(m if m else ("+" if b > factor * a else " "), a, b, n)
+                for m, a, b, n in passes[len(calls)]]
+        return SimpleNamespace(returncode=0, stdout=_asv_compare_output(rows), stderr="")
+
+    monkeypatch.setattr(regressions.subprocess, "run", fake_run)
+    assert regressions.main(["main", "HEAD"]) == 1
+    out = capsys.readouterr().out
+    assert calls[0] == regressions.REGRESSION_SET and len(calls) == 2
+    assert calls[1] == "^" + "$|^".join(map(__import__("re").escape, (noise, real))) + "$"
+    assert f"not confirmed    1.01x  {noise}" in out
+    assert f"CONFIRMED    1.41x  {real}" in out
+    assert steady not in out and "1 slower by more than 1.3x" in out
+
+    # nothing flagged: one asv run, exit 0
+    passes[1] = [("", 3.35, 3.40, noise)]
+    calls.clear()
+    assert regressions.main(["main", "HEAD"]) == 0 and len(calls) == 1
+    # only noise flagged: exit 0
+    passes[1], passes[2] = [("+", 3.35, 4.39, noise)], [("", 3.36, 3.40, noise)]
+    calls.clear()
+    assert regressions.main(["main", "HEAD"]) == 0 and len(calls) == 2
