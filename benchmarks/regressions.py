@@ -24,9 +24,9 @@ REGRESSION_SET = "RatioToFloorOneThread|UserRatios|CallOverhead.track"
 FACTOR = 1.3
 
 
-def asv_continuous(a: str, b: str, bench: str, factor: float, extra: list) -> str:
-    """Run ``asv continuous``; its output (also echoed). Its exit status only says whether
-    something was flagged, so that is read from ``asv compare`` instead."""
+def asv_continuous(a: str, b: str, bench: str, factor: float, extra: list) -> None:
+    """Run ``asv continuous``, echoing the end of its output. Its exit status only says
+    whether something was flagged; what was is read from ``asv compare`` (figures)."""
     cmd = ["asv", "continuous", "--factor", str(factor), "--bench", bench, *extra, a, b]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -34,7 +34,6 @@ def asv_continuous(a: str, b: str, bench: str, factor: float, extra: list) -> st
     if proc.returncode not in (0, 1):      # 1: something flagged; anything else: asv failed
         sys.stderr.write(proc.stderr)
         raise SystemExit(2)
-    return proc.stdout
 
 
 def figures(a: str, b: str, factor: float) -> dict:
@@ -60,7 +59,9 @@ def _figure(cell: str):
 
 
 def _best(x, y):
-    return min(v for v in (x, y) if v is not None) if (x, y) != (None, None) else None
+    """The lower of two figures (noise only adds time), ignoring a missing one."""
+    known = [v for v in (x, y) if v is not None]
+    return min(known) if known else None
 
 
 def main(argv=None) -> int:

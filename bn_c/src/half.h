@@ -74,5 +74,4 @@ static inline uint16_t bn_f32_to_bf16(float f)
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-
 #endif
