@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import shutil
 import subprocess
 import sysconfig
@@ -53,7 +54,7 @@ def run_python(code, env_extra=None, args=None, timeout=300, stderr=False):
 def test_available_isas():
     isas = _kernels.available_isas()
     assert isas[0] == "baseline"
-    assert set(isas) <= {"baseline", "avx2", "avx512"}
+    assert set(isas) <= {"baseline", "avx2", "avx512", "neon"}
     assert bn.available_isas() == isas
     cfg = bn.config()
     assert cfg["isa"] in isas and cfg["available_isas"] == isas
@@ -63,35 +64,54 @@ def test_available_isas():
 
 
 def _linux_cpu_flags():
+    """The CPU's feature names as Linux lists them ("flags" on x86, "Features" on arm64)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return set(line.split(":", 1)[1].split())
     except OSError:
         pass
     return None
 
 
-@pytest.mark.skipif(_linux_cpu_flags() is None, reason="needs Linux's /proc/cpuinfo on x86")
-def test_the_best_set_the_cpu_has_is_chosen():
-    """The C core reads cpuid and xgetbv itself; the kernel's own reading of the CPU (which
-    hides what the OS does not save, such as AVX-512 state) must agree, set by set, and the
-    best set is the one a fresh process runs. The x86 build compiles both SIMD sets
-    (meson.options' default)."""
-    flags = _linux_cpu_flags()
+def _expected_isas(flags, machine):
+    """The kernel sets a CPU with these features runs, best last (meson.options' default
+    build compiles every set of its CPU family)."""
     expected = ["baseline"]
-    if {"avx", "avx2", "fma", "f16c"} <= flags:
-        expected.append("avx2")
-        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
-            expected.append("avx512")
+    if machine in ("x86_64", "AMD64", "i686", "i386"):
+        if {"avx", "avx2", "fma", "f16c"} <= flags:
+            expected.append("avx2")
+            if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+                expected.append("avx512")
+    elif machine in ("aarch64", "arm64") and {"fp", "asimd"} <= flags:
+        expected.append("neon")
+    return expected
+
+
+def test_expected_isas_by_cpu():
+    assert _expected_isas({"avx", "avx2", "fma", "f16c"}, "x86_64") == ["baseline", "avx2"]
+    assert _expected_isas({"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq",
+                           "avx512vl"}, "x86_64") == ["baseline", "avx2", "avx512"]
+    assert _expected_isas({"avx", "avx2", "fma"}, "x86_64") == ["baseline"]  # no F16C
+    assert _expected_isas({"fp", "asimd", "fphp"}, "aarch64") == ["baseline", "neon"]
+    assert _expected_isas({"avx2"}, "aarch64") == ["baseline"]
+
+
+@pytest.mark.skipif(_linux_cpu_flags() is None, reason="needs Linux's /proc/cpuinfo")
+def test_the_best_set_the_cpu_has_is_chosen():
+    """The C core reads the CPU itself (cpuid and xgetbv on x86, the auxiliary vector on
+    arm64); the kernel's own reading of the CPU (which hides what the OS does not save, such
+    as AVX-512 state) must agree, set by set, and the best set is the one a fresh process
+    runs."""
+    expected = _expected_isas(_linux_cpu_flags(), platform.machine())
     assert _kernels.available_isas() == tuple(expected)
     assert run_python("import batchnorm as bn; print(bn.config()['isa'])").strip() == expected[-1]
 
 
 def test_set_isa_switches_and_rejects_unknown_names(isa):
     assert _kernels.active_isa() == isa
-    for name in ("avx512", "avx2"):
+    for name in ("avx512", "avx2", "neon"):
         if name not in _kernels.available_isas():
             with pytest.raises(ValueError, match=f"ISA '{name}' is not available"):
                 _kernels.set_isa(name)

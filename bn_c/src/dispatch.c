@@ -68,6 +68,12 @@ BN_ELEMENT_TYPES(BN_DECLARE_OF_TYPE)
 static const bn_kernels kernels_avx512 = {"avx512", BN_ELEMENT_TYPES(BN_ENTRY_OF_TYPE)};
 #undef BN_DECL_ISA
 #endif
+#ifdef BN_HAVE_NEON
+#define BN_DECL_ISA neon
+BN_ELEMENT_TYPES(BN_DECLARE_OF_TYPE)
+static const bn_kernels kernels_neon = {"neon", BN_ELEMENT_TYPES(BN_ENTRY_OF_TYPE)};
+#undef BN_DECL_ISA
+#endif
 
 /* Best last. */
 static const bn_kernels *const all_kernels[] = {
@@ -77,6 +83,9 @@ static const bn_kernels *const all_kernels[] = {
 #endif
 #ifdef BN_HAVE_AVX512
     &kernels_avx512,
+#endif
+#ifdef BN_HAVE_NEON
+    &kernels_neon,
 #endif
 };
 #define BN_N_KERNELS ((int)(sizeof(all_kernels) / sizeof(all_kernels[0])))
@@ -139,6 +148,28 @@ static int x86_features(void)
 }
 #endif
 
+/* AArch64: Advanced SIMD (with its float16 conversions) and floating point are part of the
+ * architecture's base, and every OS that runs AArch64 code enables them; Linux still says so
+ * in the auxiliary vector, which is asked where it exists. */
+#if defined(__aarch64__) || defined(_M_ARM64)
+#if defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_FP
+#define HWCAP_FP (1 << 0)
+#endif
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1 << 1)
+#endif
+static int arm64_has_neon(void)
+{
+    unsigned long hw = getauxval(AT_HWCAP);
+    return (hw & HWCAP_FP) && (hw & HWCAP_ASIMD);
+}
+#else
+static int arm64_has_neon(void) { return 1; }
+#endif
+#endif
+
 /* Can this CPU run this kernel set? */
 static int cpu_supports(const char *name)
 {
@@ -146,6 +177,9 @@ static int cpu_supports(const char *name)
 #if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
     if (strcmp(name, "avx2") == 0) return (x86_features() & HAS_AVX2) != 0;
     if (strcmp(name, "avx512") == 0) return (x86_features() & HAS_AVX512) != 0;
+#endif
+#if defined(__aarch64__) || defined(_M_ARM64)
+    if (strcmp(name, "neon") == 0) return arm64_has_neon();
 #endif
     return 0;
 }

@@ -3,7 +3,8 @@
  *   BN_T   storage type            BN_TN  name suffix (f32, f64, f16, bf16)
  *   BN_CT  compute type of the elementwise passes (float, or double for f64)
  *   BN_LD(p) / BN_ST(p, v)  load one element as BN_CT / store one
- * and, from the ISA header it includes (simd/avx2.h, simd/avx512.h; simd/scalar.h: BN_SIMD 0),
+ * and, from the ISA header it includes (simd/avx2.h, simd/avx512.h, simd/neon.h;
+ * simd/scalar.h: BN_SIMD 0),
  * vectors of BN_CT:
  *   BN_V, BN_W (lanes), BN_VLD(p) / BN_VST(p, v) from/to storage, BN_VLDC(p) from a BN_CT array,
  *   BN_VSET1, BN_VSUB, BN_VMUL, BN_VFMA, BN_VADD, BN_VMAX (max(a, b): b when either is NaN),
@@ -92,12 +93,17 @@
 #endif
 
 /* The vector vocabulary of the kernel set being compiled: one header per ISA (simd/), chosen
- * by the compiler flags that meson gives each set. */
+ * by the compiler flags that meson gives each set (on AArch64, where every compiler targets
+ * NEON, by BN_ISA_NEON: the baseline set there stays scalar). */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
     defined(__AVX512VL__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include "simd/avx512.h"
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include "simd/avx2.h"
+#elif defined(BN_ISA_NEON) && defined(__aarch64__) && defined(__ARM_NEON)
+#include "simd/neon.h"
+#elif defined(BN_ISA_NEON)
+#error "the neon kernel set needs AArch64 NEON (arm_neon.h, __ARM_NEON)"
 #else
 #include "simd/scalar.h"
 #endif

@@ -24,10 +24,20 @@ static inline float bn_float_of(uint32_t u)
     return f;
 }
 
+/* The CPU's own conversion where every target of the build has one (F16C on the x86 SIMD
+ * sets, FCVT on AArch64), so that scalar tails convert as the vector loads and stores do. */
+#if defined(__aarch64__) && defined(__ARM_FP16_FORMAT_IEEE)
+#define BN_HALF_FCVT 1
+#endif
+
 static inline float bn_f16_to_f32(uint16_t h)
 {
 #if defined(__F16C__)
     return _cvtsh_ss(h);
+#elif defined(BN_HALF_FCVT)
+    __fp16 v;
+    memcpy(&v, &h, sizeof v);
+    return (float)v;
 #else
     /* Move exponent and mantissa into place, rebias; inf/NaN and subnormals fixed up. */
     uint32_t u = (uint32_t)(h & 0x7fffu) << 13, exp = u & (0x7c00u << 13);
@@ -46,6 +56,11 @@ static inline uint16_t bn_f32_to_f16(float f)
 {
 #if defined(__F16C__)
     return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#elif defined(BN_HALF_FCVT)
+    __fp16 v = (__fp16)f;
+    uint16_t h;
+    memcpy(&h, &v, sizeof h);
+    return h;
 #else
     uint32_t u = bn_bits_of(f), sign = u & 0x80000000u, out;
     u ^= sign;
