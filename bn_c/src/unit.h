@@ -16,6 +16,11 @@ typedef struct bn_unit {
 } bn_unit;
 
 static inline ptrdiff_t bn_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
+static inline ptrdiff_t bn_max(ptrdiff_t a, ptrdiff_t b) { return a > b ? a : b; }
+static inline ptrdiff_t bn_ceil_div(ptrdiff_t a, ptrdiff_t b)
+{
+    return b > 0 ? (a + b - 1) / b : 0;
+}
 
 /* The channel `step` (at most one vector) elements further on in a flat channels-last run of
  * C channels: no division in the loop. */
