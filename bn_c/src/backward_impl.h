@@ -56,15 +56,15 @@ static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t CS, double
     return wide;
 }
 
-/* The chunk loop of the backward pass (worksharing binds to the caller's team, as in
- * train_chunks). With `total`, the training gradient takes its sums and count instead of x's. */
-static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, const BN_T *x,
-                                bn_strides xs, BN_T *dx, bn_strides dxs, const double *mean,
-                                const double *var, const double *gamma, double eps,
-                                int training, const bn_batch_total *total, double *dgamma,
-                                double *dbeta, const bn_options *opt, const bn_mask *mk,
-                                ptrdiff_t cc, ptrdiff_t size, double *sums, BN_CT *coef,
-                                int *wide)
+/* The chunk loop of the backward pass, on the team of BN_ON_THREADS (internal.h). With
+ * `total`, the training gradient takes its sums and count instead of x's. */
+static void FN(backward_chunks)(int team, bn_shape s, const BN_T *dy, bn_strides dys,
+                                const BN_T *x, bn_strides xs, BN_T *dx, bn_strides dxs,
+                                const double *mean, const double *var, const double *gamma,
+                                double eps, int training, const bn_batch_total *total,
+                                double *dgamma, double *dbeta, const bn_options *opt,
+                                const bn_mask *mk, ptrdiff_t cc, ptrdiff_t size, double *sums,
+                                BN_CT *coef, int *wide)
 {
     ptrdiff_t C = s.channels, CS = BN_COEF_STRIDE(C), c0, u, bl;
     int need_sums = !total && (training || dgamma || dbeta);
@@ -83,26 +83,15 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
         bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);
         ptrdiff_t blocks = bn_merge_blocks(&t);
         ex.c_begin = c0;
-        if (gate) {
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic)
-#endif
-            for (u = 0; u < tp.units; ++u)
-                FN(gate_unit)(&tp, s, dy, dys, (const BN_T *)opt->y, opt->y_strides,
-                              (BN_T *)opt->dz, opt->dz_strides, u);
-        }
-        if (need_sums) {
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic)
-#endif
-            for (u = 0; u < t.units; ++u)
-                FN(bwd_sums_unit)(&t, s, g, gs, x, xs, mean, u, psdy, psdyx);
-        }
+        if (gate)
+            BN_FOR_DYNAMIC(team, u, tp.units,
+                           FN(gate_unit)(&tp, s, dy, dys, (const BN_T *)opt->y, opt->y_strides,
+                                         (BN_T *)opt->dz, opt->dz_strides, u));
+        if (need_sums)
+            BN_FOR_DYNAMIC(team, u, t.units,
+                           FN(bwd_sums_unit)(&t, s, g, gs, x, xs, mean, u, psdy, psdyx));
         /* sums and coefficients, block by block of channels on all threads */
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (bl = 0; bl < blocks; ++bl) {
+        BN_FOR_STATIC(team, bl, blocks, {
             ptrdiff_t lo = bl * BN_MERGE_BLOCK, nc = bn_min(BN_MERGE_BLOCK, t.c_count - lo);
             int w;
             if (need_sums) bn_merge_sums(&t, psdy, sdy, bl), bn_merge_sums(&t, psdyx, sdyx, bl);
@@ -113,21 +102,13 @@ static void FN(backward_chunks)(bn_shape s, const BN_T *dy, bn_strides dys, cons
             w = FN(bwd_coefficients)(c0 + lo, nc, CS, n, mean, var, gamma, eps, training,
                                      total != NULL, sdy + lo, sdyx + lo, coef, dgamma, dbeta);
             if (t.c_count == C) FN(wrap_channels)(coef, training ? 4 : 2, C, lo, nc);
-            if (w) {
-#ifdef _OPENMP
-#pragma omp atomic
-#endif
-                *wide += w; /* a count over all chunks so far: units then test each channel */
-            }
-        }
-        if (dx) {
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic)
-#endif
-            for (u = 0; u < tp.units; ++u)
-                FN(bwd_dx_unit)(&tp, s, g, gs, x, xs, dx, dxs, u, coef, coef + CS, b, c, &ex,
-                                masked ? mk : NULL);
-        }
+            /* a count over all chunks so far: units then test each channel */
+            if (w) BN_ATOMIC_ADD(team, *wide, w);
+        });
+        if (dx)
+            BN_FOR_DYNAMIC(team, u, tp.units,
+                           FN(bwd_dx_unit)(&tp, s, g, gs, x, xs, dx, dxs, u, coef, coef + CS, b,
+                                           c, &ex, masked ? mk : NULL));
     }
 }
 
@@ -172,16 +153,8 @@ static int FN(backward_run)(bn_shape s, const BN_T *dy, bn_strides dys, const BN
     nt = bn_threads_for(s.outer * C * s.inner,
                         (need_sums ? 2 + training : 1) + (opt && opt->activation == BN_ACT_RELU),
                         t0.units);
-    if (nt > 1) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-        FN(backward_chunks)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, total,
-                            dgamma, dbeta, opt, &mk, cc, size, sums, coef, &wide);
-    } else {
-        FN(backward_chunks)(s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps, training, total,
-                            dgamma, dbeta, opt, &mk, cc, size, sums, coef, &wide);
-    }
+    BN_ON_THREADS(nt, FN(backward_chunks), s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps,
+                  training, total, dgamma, dbeta, opt, &mk, cc, size, sums, coef, &wide);
     bn_free_aligned(sums), free(coef);
     return BN_OK;
 }

@@ -115,6 +115,61 @@ void bn_merge_sums(const bn_tiling *t, const double *part, double *total, ptrdif
 /* Threads to use for `passes` passes over `elems` elements split in `units` units. */
 int bn_threads_for(ptrdiff_t elems, int passes, ptrdiff_t units);
 
+/* The one place where a call becomes threaded or stays serial. BN_ON_THREADS(nt, fn, args)
+ * runs fn(team, args): with nt > 1 (from bn_threads_for) inside one parallel region of nt
+ * threads, team = 1, and the threads share fn's unit loops (BN_FOR_DYNAMIC, BN_FOR_STATIC);
+ * else directly, team = 0, and those loops are plain loops. A serial call so never enters
+ * OpenMP: it pays for no work share (a malloc per loop in GNU OpenMP, ~60 ns), and its loops
+ * cannot bind to a parallel region of the caller's own (a caller's threads each making their
+ * own call would otherwise share out each other's units). The loops' body is their last
+ * argument, written twice by the macro. */
+#ifdef _OPENMP
+#define BN_ON_THREADS(nt, fn, ...)                                                                \
+    do {                                                                                          \
+        int bn_team_size_ = (nt);                                                                 \
+        if (bn_team_size_ > 1) {                                                                  \
+            _Pragma("omp parallel num_threads(bn_team_size_)") fn(1, __VA_ARGS__);                \
+        } else {                                                                                  \
+            fn(0, __VA_ARGS__);                                                                   \
+        }                                                                                         \
+    } while (0)
+/* for (i = 0; i < n; ++i) body, shared by the team (schedule dynamic or static) when team */
+#define BN_FOR_DYNAMIC(team, i, n, ...)                                                           \
+    do {                                                                                          \
+        if (team) {                                                                               \
+            _Pragma("omp for schedule(dynamic)") for (i = 0; i < (n); ++i) { __VA_ARGS__; }       \
+        } else {                                                                                  \
+            for (i = 0; i < (n); ++i) { __VA_ARGS__; }                                            \
+        }                                                                                         \
+    } while (0)
+#define BN_FOR_STATIC(team, i, n, ...)                                                            \
+    do {                                                                                          \
+        if (team) {                                                                               \
+            _Pragma("omp for schedule(static)") for (i = 0; i < (n); ++i) { __VA_ARGS__; }        \
+        } else {                                                                                  \
+            for (i = 0; i < (n); ++i) { __VA_ARGS__; }                                            \
+        }                                                                                         \
+    } while (0)
+/* an update of a variable the team shares */
+#define BN_ATOMIC_ADD(team, v, w)                                                                 \
+    do {                                                                                          \
+        if (team) {                                                                               \
+            _Pragma("omp atomic") v += (w);                                                       \
+        } else {                                                                                  \
+            v += (w);                                                                             \
+        }                                                                                         \
+    } while (0)
+#else
+#define BN_ON_THREADS(nt, fn, ...) ((void)(nt), fn(0, __VA_ARGS__))
+#define BN_FOR_DYNAMIC(team, i, n, ...)                                                           \
+    do {                                                                                          \
+        (void)(team);                                                                             \
+        for (i = 0; i < (n); ++i) { __VA_ARGS__; }                                                \
+    } while (0)
+#define BN_FOR_STATIC BN_FOR_DYNAMIC
+#define BN_ATOMIC_ADD(team, v, w) ((void)(team), (v) += (w))
+#endif
+
 int bn_shape_ok(bn_shape s);
 
 /* Outputs of this many bytes or more are written with non-temporal stores (see bn_call). */

@@ -2,6 +2,16 @@
  * normalize.c. */
 #include "units_impl.h"
 
+/* The inference pass over the units of tiling t, on the team of BN_ON_THREADS (internal.h). */
+static void FN(eval_units)(int team, const bn_tiling *t, bn_shape s, const BN_T *x,
+                           bn_strides xs, BN_T *y, bn_strides ys, const BN_CT *coef,
+                           ptrdiff_t CS, const bn_call *ex)
+{
+    ptrdiff_t u;
+    BN_FOR_DYNAMIC(team, u, t->units,
+                   FN(affine_unit)(t, s, x, xs, y, ys, u, coef, coef + CS, coef + 2 * CS, ex));
+}
+
 int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y,
                                       bn_strides ys, const double *mean, const double *var,
                                       const double *gamma, const double *beta, double eps,
@@ -10,7 +20,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     BN_CT *coef;
     bn_call ex;
     bn_tiling t;
-    ptrdiff_t u, C = s.channels, CS = BN_COEF_STRIDE(C);
+    ptrdiff_t C = s.channels, CS = BN_COEF_STRIDE(C);
     int nt, wide;
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (C == 0 || s.outer == 0 || s.inner == 0) return BN_OK;
@@ -23,28 +33,17 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     ex = FN(call_of)(s, mean, var, gamma, beta, eps, &wide, opt);
     t = bn_make_pass_tiling(s, 0, C);
     nt = bn_threads_for(s.outer * C * s.inner, 1, t.units);
-    if (nt > 1) {
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic) num_threads(nt)
-#endif
-        for (u = 0; u < t.units; ++u)
-            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + CS, coef + 2 * CS, &ex);
-    } else {
-        for (u = 0; u < t.units; ++u)
-            FN(affine_unit)(&t, s, x, xs, y, ys, u, coef, coef + CS, coef + 2 * CS, &ex);
-    }
+    BN_ON_THREADS(nt, FN(eval_units), &t, s, x, xs, y, ys, coef, CS, &ex);
     free(coef);
     return BN_OK;
 }
 
-/* The chunk loop of the training forward. Its worksharing constructs bind to the caller's
- * team: called inside a parallel region the threads share each pass, called outside it runs
- * serially with no OpenMP overhead. */
-static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, bn_strides ys,
-                             const double *gamma, const double *beta, double eps, double *mean,
-                             double *var, const bn_options *opt, const bn_mask *mk,
-                             ptrdiff_t cc, ptrdiff_t size, double *scratch, BN_CT *coef,
-                             int *wide)
+/* The chunk loop of the training forward, on the team of BN_ON_THREADS (internal.h). */
+static void FN(train_chunks)(int team, bn_shape s, const BN_T *x, bn_strides xs, BN_T *y,
+                             bn_strides ys, const double *gamma, const double *beta, double eps,
+                             double *mean, double *var, const bn_options *opt,
+                             const bn_mask *mk, ptrdiff_t cc, ptrdiff_t size, double *scratch,
+                             BN_CT *coef, int *wide)
 {
     ptrdiff_t c0, u, b, C = s.channels, CS = BN_COEF_STRIDE(C);
     double *pcount = mk->m ? scratch + 2 * size : NULL;
@@ -55,20 +54,14 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
         bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);
         ptrdiff_t blocks = bn_merge_blocks(&t);
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic)
-#endif
-        for (u = 0; u < t.units; ++u) {
+        BN_FOR_DYNAMIC(team, u, t.units, {
             if (pcount)
                 FN(masked_stats_unit)(&t, s, x, xs, mk, u, scratch, scratch + size, pcount);
             else
                 FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
-        }
+        });
         /* merge and coefficients, block by block of channels on all threads */
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (b = 0; b < blocks; ++b) {
+        BN_FOR_STATIC(team, b, blocks, {
             ptrdiff_t lo = b * BN_MERGE_BLOCK, nc = bn_min(BN_MERGE_BLOCK, t.c_count - lo);
             int w;
             bn_merge_moments(&t, s, scratch, scratch + size, pcount, mean + c0, var + c0, b);
@@ -76,18 +69,12 @@ static void FN(train_chunks)(bn_shape s, const BN_T *x, bn_strides xs, BN_T *y, 
             w = FN(affine_coefficients)(c0 + lo, nc, mean, var, gamma, beta, eps, n, coef,
                                         coef + CS, coef + 2 * CS);
             if (t.c_count == C) FN(wrap_channels)(coef, 3, C, lo, nc);
-            if (w) {
-#ifdef _OPENMP
-#pragma omp atomic
-#endif
-                *wide += w; /* a count over all chunks so far: units then test each channel */
-            }
-        }
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic)
-#endif
-        for (u = 0; u < tp.units; ++u)
-            FN(affine_unit)(&tp, s, x, xs, y, ys, u, coef, coef + CS, coef + 2 * CS, &ex);
+            /* a count over all chunks so far: units then test each channel */
+            if (w) BN_ATOMIC_ADD(team, *wide, w);
+        });
+        BN_FOR_DYNAMIC(team, u, tp.units,
+                       FN(affine_unit)(&tp, s, x, xs, y, ys, u, coef, coef + CS, coef + 2 * CS,
+                                       &ex));
     }
 }
 
@@ -125,16 +112,8 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
     }
     if (mk.m) bn_part_mask_counts(&t0, s, &mk, scratch + 2 * size);
     nt = bn_threads_for(s.outer * C * s.inner, 2, t0.units);
-    if (nt > 1) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, opt, &mk, cc, size,
-                         scratch, coef, &wide);
-    } else {
-        FN(train_chunks)(s, x, xs, y, ys, gamma, beta, eps, mean, var, opt, &mk, cc, size,
-                         scratch, coef, &wide);
-    }
+    BN_ON_THREADS(nt, FN(train_chunks), s, x, xs, y, ys, gamma, beta, eps, mean, var, opt, &mk,
+                  cc, size, scratch, coef, &wide);
     bn_free_aligned(scratch), free(coef);
     return BN_OK;
 }

@@ -6,35 +6,27 @@
  * each its own partial) would otherwise need scratch in proportion to rows x channels. */
 #define BN_STATS_SCRATCH_BYTES ((size_t)8 << 20)
 
-/* The reductions, then the merge, chunk of channels by chunk. Their worksharing constructs
- * bind to the caller's team, as in train_chunks: inside a parallel region the threads share
- * each loop, outside it they run serially. A channel's pieces, and so its results, do not
- * depend on the chunks. */
-static void FN(stats_chunks)(bn_shape s, const BN_T *x, bn_strides xs, const bn_mask *mk,
-                             ptrdiff_t cc, double *scratch, ptrdiff_t size, double *mean,
-                             double *var)
+/* The reductions, then the merge, chunk of channels by chunk, on the team of BN_ON_THREADS
+ * (internal.h). A channel's pieces, and so its results, do not depend on the chunks. */
+static void FN(stats_chunks)(int team, bn_shape s, const BN_T *x, bn_strides xs,
+                             const bn_mask *mk, ptrdiff_t cc, double *scratch, ptrdiff_t size,
+                             double *mean, double *var)
 {
     double *pcount = mk->m ? scratch + 2 * size : NULL;
     ptrdiff_t c0, u, b;
     for (c0 = 0; c0 < s.channels; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, bn_min(cc, s.channels - c0));
         ptrdiff_t blocks = bn_merge_blocks(&t);
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic)
-#endif
-        for (u = 0; u < t.units; ++u) {
+        BN_FOR_DYNAMIC(team, u, t.units, {
             if (pcount)
                 FN(masked_stats_unit)(&t, s, x, xs, mk, u, scratch, scratch + size, pcount);
             else
                 FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
-        }
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (b = 0; b < blocks; ++b) {
+        });
+        BN_FOR_STATIC(team, b, blocks, {
             bn_merge_moments(&t, s, scratch, scratch + size, pcount, mean + c0, var + c0, b);
             FN(add_references)(&t, x, xs, mk, mean + c0, b);
-        }
+        });
     }
 }
 
@@ -69,14 +61,7 @@ int BN_EXPORT(bn_stats, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, double 
     if (!scratch) return BN_ERR_NOMEM;
     if (mk.m) bn_part_mask_counts(&t, s, &mk, scratch + 2 * size);
     nt = bn_threads_for(s.outer * s.channels * s.inner, 1, t.units);
-    if (nt > 1) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-        FN(stats_chunks)(s, x, xs, &mk, cc, scratch, size, mean, var);
-    } else {
-        FN(stats_chunks)(s, x, xs, &mk, cc, scratch, size, mean, var);
-    }
+    BN_ON_THREADS(nt, FN(stats_chunks), s, x, xs, &mk, cc, scratch, size, mean, var);
     bn_free_aligned(scratch);
     return BN_OK;
 }

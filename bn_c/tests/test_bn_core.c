@@ -250,6 +250,38 @@ static void test_variants(void)
               BN_ERR_ARG, "relu backward without y");
 }
 
+/* Calls made from the caller's own OpenMP threads, each on its own data: every call must be
+ * whole and alone, as if made from one thread (none of the core's loops may be shared with
+ * the caller's team), and give the bits of the same call made outside. */
+static void test_calls_from_callers_threads(void)
+{
+#ifdef _OPENMP
+    enum { T = 4, N = 8, C = 5, I = 37, E = N * C * I };
+    static float x[T][E], y[T][E], want_y[T][E];
+    static double mean[T][C], var[T][C], want_mean[T][C], want_var[T][C];
+    bn_shape s = {N, C, I};
+    bn_strides st = {C * I, I, 1};
+    int k, e, bad = 0;
+    for (k = 0; k < T; ++k)
+        for (e = 0; e < E; ++e) x[k][e] = (float)((e * (k + 3)) % 23) - 7.5f * (float)k;
+    for (k = 0; k < T; ++k)
+        bn_forward_train_f32(s, x[k], st, want_y[k], st, NULL, NULL, 1e-5, want_mean[k],
+                             want_var[k], NULL);
+#pragma omp parallel for num_threads(T) schedule(static, 1) reduction(+ : bad)
+    for (k = 0; k < T; ++k) {
+        int i;
+        for (i = 0; i < 20; ++i) {
+            bad += bn_forward_train_f32(s, x[k], st, y[k], st, NULL, NULL, 1e-5, mean[k], var[k],
+                                        NULL) != BN_OK;
+            bad += memcmp(y[k], want_y[k], sizeof y[k]) != 0;
+            bad += memcmp(mean[k], want_mean[k], sizeof mean[k]) != 0;
+            bad += memcmp(var[k], want_var[k], sizeof var[k]) != 0;
+        }
+    }
+    CHECK(bad == 0, "%d calls from the caller's threads differ from the same calls alone", bad);
+#endif
+}
+
 int main(void)
 {
     static const char *isas[] = {"baseline", "avx2", "avx512", "neon"};
@@ -266,6 +298,7 @@ int main(void)
         test_zero_variance_eps0();
         test_backward_total();
         test_variants();
+        test_calls_from_callers_threads();
         printf("isa %-8s checked (openmp: %d)\n", isas[k], bn_has_openmp());
         ++ran;
     }
