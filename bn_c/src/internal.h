@@ -108,9 +108,14 @@ void bn_merge_sums(const bn_tiling *t, const double *part, double *total, ptrdif
 
 /* Per-channel coefficient arrays are laid out BN_COEF_STRIDE(C) apart: C values, then
  * BN_COEF_WRAP more that repeat them (value k at k mod C), so that a vector of coefficients
- * can be loaded at any channel of a flat channels-last run (see flat_affine). */
+ * can be loaded at any channel of a flat channels-last run (BN_COEFS_WRAPPED, runs_impl.h). */
 #define BN_COEF_WRAP 16
 #define BN_COEF_STRIDE(C) ((C) + BN_COEF_WRAP)
+
+/* The elementwise driver's operations and coefficient layouts (see FN(elementwise) in
+ * runs_impl.h). */
+enum { BN_OP_AFFINE, BN_OP_DX, BN_OP_SCALE };
+enum { BN_COEFS_ONE, BN_COEFS_EACH, BN_COEFS_WRAPPED };
 
 /* Threads to use for `passes` passes over `elems` elements split in `units` units. */
 int bn_threads_for(ptrdiff_t elems, int passes, ptrdiff_t units);
@@ -133,23 +138,20 @@ int bn_threads_for(ptrdiff_t elems, int passes, ptrdiff_t units);
             fn(0, __VA_ARGS__);                                                                   \
         }                                                                                         \
     } while (0)
-/* for (i = 0; i < n; ++i) body, shared by the team (schedule dynamic or static) when team */
+/* for (i = 0; i < n; ++i) body, shared by the team when team (the OpenMP for-pragma given,
+ * its schedule dynamic or static), else a plain loop */
+#define BN_FOR_TEAM(omp_for, team, i, n, ...)                                                     \
+    do {                                                                                          \
+        if (team) {                                                                               \
+            _Pragma(omp_for) for (i = 0; i < (n); ++i) { __VA_ARGS__; }                           \
+        } else {                                                                                  \
+            for (i = 0; i < (n); ++i) { __VA_ARGS__; }                                            \
+        }                                                                                         \
+    } while (0)
 #define BN_FOR_DYNAMIC(team, i, n, ...)                                                           \
-    do {                                                                                          \
-        if (team) {                                                                               \
-            _Pragma("omp for schedule(dynamic)") for (i = 0; i < (n); ++i) { __VA_ARGS__; }       \
-        } else {                                                                                  \
-            for (i = 0; i < (n); ++i) { __VA_ARGS__; }                                            \
-        }                                                                                         \
-    } while (0)
+    BN_FOR_TEAM("omp for schedule(dynamic)", team, i, n, __VA_ARGS__)
 #define BN_FOR_STATIC(team, i, n, ...)                                                            \
-    do {                                                                                          \
-        if (team) {                                                                               \
-            _Pragma("omp for schedule(static)") for (i = 0; i < (n); ++i) { __VA_ARGS__; }        \
-        } else {                                                                                  \
-            for (i = 0; i < (n); ++i) { __VA_ARGS__; }                                            \
-        }                                                                                         \
-    } while (0)
+    BN_FOR_TEAM("omp for schedule(static)", team, i, n, __VA_ARGS__)
 /* an update of a variable the team shares */
 #define BN_ATOMIC_ADD(team, v, w)                                                                 \
     do {                                                                                          \

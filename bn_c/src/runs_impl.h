@@ -1,12 +1,15 @@
 /* Innermost loops for the element type chosen by BN_KIND (see eltype.h). Included by each
  * kernel family once per element type; no include guard on purpose.
  *
- * "run" loops walk n elements of one channel (stride st) and reduce them to scalars.
- * "cols" loops walk a row across cn channels (stride st); "rows" variants walk many rows.
- * Accumulation is in double; the results depend only on the data, never on the threads.
- * With SIMD the reductions use sixteen double accumulators (bn_d16) and the elementwise loops
- * native-width vectors of the compute type (512 bits for float32/float64 with AVX-512, with
- * masked tails). AVX2 and AVX-512 give the same bits: the lanes do the same arithmetic. */
+ * Reductions: "run" loops walk n elements of one channel (stride st) and reduce them to
+ * scalars; "cols" loops walk rows across cn channels (stride st). Accumulation is in
+ * double; the results depend only on the data, never on the threads. With SIMD they use
+ * sixteen double accumulators (bn_d16) in one lane order on every ISA.
+ * Elementwise passes: one driver, `elementwise`, for the forward's y, the backward's dx and
+ * its a * dy, over a run of one channel, a row across channels or flat channels-last rows,
+ * with native-width vectors of the compute type (512 bits for float32/float64 with AVX-512,
+ * with masked tails). AVX2, AVX-512 and NEON give the same bits: the lanes do the same
+ * arithmetic. */
 #include "eltype.h"
 
 #define FN(name) BN_CAT2(name, BN_TN)
@@ -122,8 +125,8 @@ static inline void FN(run_bwd_sums)(const BN_T *dy, ptrdiff_t dyrs, ptrdiff_t dy
 }
 
 /* The forward's epilogue on one value (see bn_call): v + z (z NULL: none), then relu
- * (v < 0 gives 0; NaN stays NaN). The loops below take z and relu as arguments and are
- * inlined into callers that pass constants, so the plain loops carry none of it. */
+ * (v < 0 gives 0; NaN and -0 stay). The elementwise driver takes z and relu as arguments and
+ * is inlined into callers that pass constants, so the plain loops carry none of it. */
 static inline BN_CT FN(epi)(BN_CT v, const BN_T *z, int relu)
 {
     if (z) v += BN_LD(z);
@@ -131,133 +134,6 @@ static inline BN_CT FN(epi)(BN_CT v, const BN_T *z, int relu)
     return v;
 }
 #define BN_ZAT(z, i, st) ((z) ? (z) + (i) * (st) : (z))
-#if BN_SIMD
-/* max(0, v) returns v when v is NaN or -0, as the scalar relu does: the same bits */
-static inline BN_V FN(vepi)(BN_V v, const BN_T *z, int relu)
-{
-    if (z) v = BN_VADD(v, BN_VLD(z));
-    if (relu) v = BN_VMAX(BN_VSET1(0), v);
-    return v;
-}
-#if BN_VMASK
-static inline BN_V FN(vepi_n)(BN_V v, const BN_T *z, int relu, ptrdiff_t r)
-{
-    if (z) v = BN_VADD(v, BN_VLD_N(z, r));
-    if (relu) v = BN_VMAX(BN_VSET1(0), v);
-    return v;
-}
-#endif
-#endif
-
-/* y = epi((x - m) * a + b). In place (y == x, or y == z) is fine: each vector is read before
- * it is written. */
-BN_ALWAYS_INLINE void FN(run_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
-                                     ptrdiff_t n, BN_CT m, BN_CT a, BN_CT b, int stream,
-                                     const BN_T *z, ptrdiff_t zst, int relu)
-{
-    ptrdiff_t i = 0;
-    (void)stream; /* non-temporal stores need SIMD */
-    if (xst == 1 && yst == 1 && (!z || zst == 1)) {
-#if BN_SIMD
-        BN_V vm = BN_VSET1(m), va = BN_VSET1(a), vb = BN_VSET1(b);
-        stream = stream && BN_CAN_STREAM;
-        for (; stream && i < n && BN_MISALIGNED(y + i); ++i)
-            BN_ST(y + i, FN(epi)(BN_SFMA(BN_LD(x + i) - m, a, b), BN_ZAT(z, i, 1), relu));
-        for (; i + 2 * BN_W <= n; i += 2 * BN_W) {
-            BN_V y0 = FN(vepi)(BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), va, vb), BN_ZAT(z, i, 1), relu);
-            BN_V y1 = FN(vepi)(BN_VFMA(BN_VSUB(BN_VLD(x + i + BN_W), vm), va, vb),
-                               BN_ZAT(z, i + BN_W, 1), relu);
-            BN_VSTS(stream, y + i, y0), BN_VSTS(stream, y + i + BN_W, y1);
-        }
-        for (; i + BN_W <= n; i += BN_W)
-            BN_VSTS(stream, y + i,
-                    FN(vepi)(BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), va, vb), BN_ZAT(z, i, 1), relu));
-#if BN_VMASK
-        if (i < n)
-            BN_VST_N(y + i,
-                     FN(vepi_n)(BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), vm), va, vb),
-                                BN_ZAT(z, i, 1), relu, n - i),
-                     n - i);
-        i = n;
-#endif
-        for (; i < n; ++i)
-            BN_ST(y + i, FN(epi)(BN_SFMA(BN_LD(x + i) - m, a, b), BN_ZAT(z, i, 1), relu));
-#endif
-        for (; i < n; ++i) BN_ST(y + i, FN(epi)((BN_LD(x + i) - m) * a + b, BN_ZAT(z, i, 1), relu));
-    } else {
-        for (; i < n; ++i)
-            BN_ST(y + i * yst,
-                  FN(epi)((BN_LD(x + i * xst) - m) * a + b, BN_ZAT(z, i, zst), relu));
-    }
-}
-
-/* dx = a * dy + (b * (x - m) + c); with a mask (element stride 1, and contiguous arrays),
- * positions whose byte is 0 get a * dy + 0: their x is in no statistic. */
-BN_ALWAYS_INLINE void FN(run_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x,
-                                     ptrdiff_t xst, BN_T *dx, ptrdiff_t dxst, ptrdiff_t n,
-                                     BN_CT m, BN_CT a, BN_CT b, BN_CT c, int stream,
-                                     const unsigned char *mk)
-{
-    ptrdiff_t i = 0;
-    (void)stream; /* non-temporal stores need SIMD */
-    if (dyst == 1 && xst == 1 && dxst == 1) {
-#if BN_SIMD
-        BN_V vm = BN_VSET1(m), va = BN_VSET1(a), vb = BN_VSET1(b), vc = BN_VSET1(c);
-        stream = stream && BN_CAN_STREAM;
-        for (; stream && i < n && BN_MISALIGNED(dx + i); ++i) {
-            BN_CT t = BN_SFMA(BN_LD(x + i) - m, b, c);
-            BN_ST(dx + i, BN_SFMA(a, BN_LD(dy + i), mk && !mk[i] ? (BN_CT)0 : t));
-        }
-        for (; i + BN_W <= n; i += BN_W) {
-            BN_V t = BN_VFMA(BN_VSUB(BN_VLD(x + i), vm), vb, vc);
-            if (mk) t = FN(vkeep)(t, mk + i);
-            BN_VSTS(stream, dx + i, BN_VFMA(va, BN_VLD(dy + i), t));
-        }
-#if BN_VMASK
-        if (i < n) {
-            BN_V t = BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), vm), vb, vc);
-            if (mk) t = FN(vkeep_n)(t, mk + i, n - i);
-            BN_VST_N(dx + i, BN_VFMA(va, BN_VLD_N(dy + i, n - i), t), n - i);
-        }
-        i = n;
-#endif
-        for (; i < n; ++i) {
-            BN_CT t = BN_SFMA(BN_LD(x + i) - m, b, c);
-            BN_ST(dx + i, BN_SFMA(a, BN_LD(dy + i), mk && !mk[i] ? (BN_CT)0 : t));
-        }
-#endif
-        for (; i < n; ++i) {
-            BN_CT t = (BN_LD(x + i) - m) * b + c;
-            BN_ST(dx + i, a * BN_LD(dy + i) + (mk && !mk[i] ? (BN_CT)0 : t));
-        }
-    } else {
-        for (; i < n; ++i)
-            BN_ST(dx + i * dxst, a * BN_LD(dy + i * dyst) + ((BN_LD(x + i * xst) - m) * b + c));
-    }
-}
-
-/* dx = a * dy */
-static inline void FN(run_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrdiff_t dxst,
-                                 ptrdiff_t n, BN_CT a, int stream)
-{
-    ptrdiff_t i = 0;
-    (void)stream; /* non-temporal stores need SIMD */
-    if (dyst == 1 && dxst == 1) {
-#if BN_SIMD
-        BN_V va = BN_VSET1(a);
-        stream = stream && BN_CAN_STREAM;
-        for (; stream && i < n && BN_MISALIGNED(dx + i); ++i) BN_ST(dx + i, a * BN_LD(dy + i));
-        for (; i + BN_W <= n; i += BN_W) BN_VSTS(stream, dx + i, BN_VMUL(va, BN_VLD(dy + i)));
-#if BN_VMASK
-        if (i < n) BN_VST_N(dx + i, BN_VMUL(va, BN_VLD_N(dy + i, n - i)), n - i);
-        i = n;
-#endif
-#endif
-        for (; i < n; ++i) BN_ST(dx + i, a * BN_LD(dy + i));
-    } else {
-        for (; i < n; ++i) BN_ST(dx + i * dxst, a * BN_LD(dy + i * dyst));
-    }
-}
 
 /* Fill the wrap-around of `arrays` coefficient arrays (see BN_COEF_STRIDE) that repeats
  * channels [c0, c0 + n). */
@@ -271,92 +147,187 @@ static inline void FN(wrap_channels)(BN_CT *coef, int arrays, ptrdiff_t C, ptrdi
             for (k = c + C; k < CS; k += C) coef[j * CS + k] = coef[j * CS + c];
 }
 
-/* Channels-last data whose rows are back to back (row stride C) is one flat run of n values
- * starting at channel 0: element i belongs to channel i mod C. Taken as such, the run's
- * vectors may straddle rows (the coefficients are read from the wrapped arrays), short rows
- * cost no per-row overhead, and a streamed output has a single unaligned head. Same values as
- * cols_affine / cols_bwd_dx / cols_scale row by row. */
+/* The channel `step` elements on in a flat channels-last run of C channels */
 #define BN_NEXT_CHANNEL(c, step, C) ((c) = bn_next_channel((c), (step), (C)))
 
-BN_ALWAYS_INLINE void FN(flat_affine)(const BN_T *x, BN_T *y, ptrdiff_t n, ptrdiff_t C,
+/* The elementwise passes: one driver for every operation and every loop shape. Element i of
+ * n gets
+ *   BN_OP_AFFINE  out = epi((x - m) * a + b)         the forward (z and relu: see epi)
+ *   BN_OP_DX      out = a * dy + ((x - m) * b + c)   the training backward; a * dy + 0 where
+ *                                                    the mask byte mk[i] is 0 (NULL: none)
+ *   BN_OP_SCALE   out = a * dy                       the backward through given statistics
+ * with the coefficients (arrays m, a, b, c by channel; those the operation does not use may
+ * be NULL) of
+ *   BN_COEFS_ONE      channel c0 (m[c0], ...): a run of one channel's values (planar rows)
+ *   BN_COEFS_EACH     channel i (m[i], ...): a row across channels (channels-last)
+ *   BN_COEFS_WRAPPED  channel i mod C, from the wrapped arrays (BN_COEF_STRIDE):
+ *                     channels-last rows back to back (row stride C) taken as one flat run,
+ *                     whose vectors may straddle rows; short rows then cost no per-row
+ *                     overhead, and a streamed output has a single unaligned head. Same
+ *                     values as BN_COEFS_EACH row by row.
+ * op and coef are constants at every call and the driver is forced inline, so each call
+ * compiles to the one loop it needs. Element strides of x, dy, z and out: the vector loops
+ * need them all 1 (a mask needs that too; BN_COEFS_WRAPPED always has it), else the strided
+ * scalar loop runs. The SIMD sets fuse every multiply-add, in the vector lanes and in the
+ * scalar head and tail alike, so the vector width never changes a result; the baseline and
+ * the strided loop compute as written. In place (out == x, dy or z) is fine: each vector is
+ * read before it is written. With `stream`, full vectors are stored non-temporally from the
+ * first aligned element on. */
+
+/* Coefficient q (0 m, 1 a, 2 b, 3 c) of element i in channel k, as a scalar; one the
+ * operation does not use is never read. `one` is BN_COEFS_ONE's, read once before the loops
+ * (BN_EW_ONE_COEF): loops that keep a value live rather than the arrays and the channel
+ * were measured to spill less (a planar (8, 32, 8, 8) backward: 1.35x slower before). */
+#define BN_EW_USES(op, q) ((q) == 1 || ((op) != BN_OP_SCALE && ((q) != 3 || (op) == BN_OP_DX)))
+#define BN_EW_ONE_COEF(op, coef, q, p, c0)                                                        \
+    ((coef) == BN_COEFS_ONE && BN_EW_USES(op, q) ? (p)[c0] : (BN_CT)0)
+BN_ALWAYS_INLINE BN_CT FN(ew_coef)(int op, int coef, int q, const BN_CT *p, BN_CT one,
+                                   ptrdiff_t i, ptrdiff_t k)
+{
+    if (!BN_EW_USES(op, q)) return (BN_CT)0;
+    return coef == BN_COEFS_ONE ? one : coef == BN_COEFS_WRAPPED ? p[k] : p[i];
+}
+
+/* One element: x, dy, z point at it (NULL where unused); `keep` is its mask byte's verdict;
+ * `fused`: BN_SFMA, as the vector lanes (SIMD sets, unit strides), else as written. */
+BN_ALWAYS_INLINE BN_CT FN(ew_one)(int op, int fused, const BN_T *x, const BN_T *dy,
+                                  const BN_T *z, int relu, int keep, BN_CT m, BN_CT a, BN_CT b,
+                                  BN_CT c)
+{
+    BN_CT t;
+    if (op == BN_OP_SCALE) return a * BN_LD(dy);
+    if (op == BN_OP_AFFINE)
+        return FN(epi)(fused ? BN_SFMA(BN_LD(x) - m, a, b) : (BN_LD(x) - m) * a + b, z, relu);
+    t = fused ? BN_SFMA(BN_LD(x) - m, b, c) : (BN_LD(x) - m) * b + c;
+    if (!keep) t = (BN_CT)0;
+    return fused ? BN_SFMA(a, BN_LD(dy), t) : a * BN_LD(dy) + t;
+}
+
+#if BN_SIMD
+/* The vector at p, or (tail, BN_VMASK sets only) its first r lanes. */
+BN_ALWAYS_INLINE BN_V FN(vld_r)(const BN_T *p, int tail, ptrdiff_t r)
+{
+#if BN_VMASK
+    if (tail) return BN_VLD_N(p, r);
+#endif
+    (void)tail, (void)r;
+    return BN_VLD(p);
+}
+
+/* Coefficient vector q of the elements at i (channel k); pre: the broadcast of a
+ * BN_COEFS_ONE coefficient, made once before the loop. */
+BN_ALWAYS_INLINE BN_V FN(ew_vcoef)(int op, int coef, int q, const BN_CT *p, BN_V pre,
+                                   ptrdiff_t i, ptrdiff_t k, int tail, ptrdiff_t r)
+{
+    if (!BN_EW_USES(op, q) || coef == BN_COEFS_ONE) return pre;
+    /* the wrapped arrays hold a whole vector from any channel */
+    if (coef == BN_COEFS_WRAPPED) return BN_VLDC(p + k);
+#if BN_VMASK
+    if (tail) return BN_VLD_N(p + i, r);
+#endif
+    (void)tail, (void)r;
+    return BN_VLDC(p + i);
+}
+
+/* The vector at element i, channel k; with `tail` (BN_VMASK), its first r lanes. */
+BN_ALWAYS_INLINE BN_V FN(ew_vec)(int op, int coef, const BN_T *x, const BN_T *dy,
+                                 const BN_T *z, int relu, const unsigned char *mk,
+                                 const BN_CT *pm, const BN_CT *pa, const BN_CT *pb,
+                                 const BN_CT *pc, BN_V vm, BN_V va, BN_V vb, BN_V vc,
+                                 ptrdiff_t i, ptrdiff_t k, int tail, ptrdiff_t r)
+{
+    BN_V m = FN(ew_vcoef)(op, coef, 0, pm, vm, i, k, tail, r);
+    BN_V a = FN(ew_vcoef)(op, coef, 1, pa, va, i, k, tail, r);
+    BN_V b = FN(ew_vcoef)(op, coef, 2, pb, vb, i, k, tail, r);
+    BN_V c = FN(ew_vcoef)(op, coef, 3, pc, vc, i, k, tail, r);
+    BN_V t;
+    if (op == BN_OP_SCALE) return BN_VMUL(a, FN(vld_r)(dy + i, tail, r));
+    if (op == BN_OP_AFFINE) {
+        t = BN_VFMA(BN_VSUB(FN(vld_r)(x + i, tail, r), m), a, b);
+        if (z) t = BN_VADD(t, FN(vld_r)(z + i, tail, r));
+        /* max(0, t) is t when t is NaN or -0, as epi's relu: the same bits */
+        return relu ? BN_VMAX(BN_VSET1(0), t) : t;
+    }
+    t = BN_VFMA(BN_VSUB(FN(vld_r)(x + i, tail, r), m), b, c);
+#if BN_VMASK
+    if (mk && tail) t = FN(vkeep_n)(t, mk + i, r);
+    else
+#endif
+        if (mk) t = FN(vkeep)(t, mk + i);
+    return BN_VFMA(a, FN(vld_r)(dy + i, tail, r), t);
+}
+#endif
+
+/* Strided elements (no mask, no wrapped coefficients), as written, one at a time: the rare
+ * path, kept out of line so that it adds nothing to the callers' loops. */
+static void FN(elementwise_strided)(int op, int coef, ptrdiff_t n, ptrdiff_t c0, const BN_T *x,
+                                    ptrdiff_t xst, const BN_T *dy, ptrdiff_t dyst, const BN_T *z,
+                                    ptrdiff_t zst, int relu, BN_T *out, ptrdiff_t ost,
+                                    const BN_CT *m, const BN_CT *a, const BN_CT *b,
+                                    const BN_CT *c)
+{
+    const BN_CT sm = BN_EW_ONE_COEF(op, coef, 0, m, c0), sa = BN_EW_ONE_COEF(op, coef, 1, a, c0);
+    const BN_CT sb = BN_EW_ONE_COEF(op, coef, 2, b, c0), sc = BN_EW_ONE_COEF(op, coef, 3, c, c0);
+    ptrdiff_t i;
+    for (i = 0; i < n; ++i)
+        BN_ST(out + i * ost,
+              FN(ew_one)(op, 0, op != BN_OP_SCALE ? x + i * xst : NULL,
+                         op != BN_OP_AFFINE ? dy + i * dyst : NULL, BN_ZAT(z, i, zst), relu, 1,
+                         FN(ew_coef)(op, coef, 0, m, sm, i, 0),
+                         FN(ew_coef)(op, coef, 1, a, sa, i, 0),
+                         FN(ew_coef)(op, coef, 2, b, sb, i, 0),
+                         FN(ew_coef)(op, coef, 3, c, sc, i, 0)));
+}
+
+BN_ALWAYS_INLINE void FN(elementwise)(int op, int coef, ptrdiff_t n, ptrdiff_t C, ptrdiff_t c0,
+                                      const BN_T *x, ptrdiff_t xst, const BN_T *dy,
+                                      ptrdiff_t dyst, const BN_T *z, ptrdiff_t zst, int relu,
+                                      const unsigned char *mk, BN_T *out, ptrdiff_t ost,
                                       const BN_CT *m, const BN_CT *a, const BN_CT *b,
-                                      int stream, const BN_T *z, int relu)
+                                      const BN_CT *c, int stream)
 {
-    ptrdiff_t i = 0, c = 0;
-    (void)stream;
+    const int uses_x = op != BN_OP_SCALE, uses_dy = op != BN_OP_AFFINE;
+    ptrdiff_t i = 0, k = 0; /* the element, and its channel with BN_COEFS_WRAPPED */
+    const BN_CT sm = BN_EW_ONE_COEF(op, coef, 0, m, c0), sa = BN_EW_ONE_COEF(op, coef, 1, a, c0);
+    const BN_CT sb = BN_EW_ONE_COEF(op, coef, 2, b, c0), sc = BN_EW_ONE_COEF(op, coef, 3, c, c0);
+#define BN_EW_NEXT(k, step) (coef == BN_COEFS_WRAPPED ? BN_NEXT_CHANNEL(k, step, C) : 0)
+#define BN_EW_ONE(fused, i, k)                                                                    \
+    FN(ew_one)(op, fused, uses_x ? x + (i) : NULL, uses_dy ? dy + (i) : NULL, BN_ZAT(z, i, 1),    \
+               relu, !mk || mk[i], FN(ew_coef)(op, coef, 0, m, sm, i, k),                         \
+               FN(ew_coef)(op, coef, 1, a, sa, i, k), FN(ew_coef)(op, coef, 2, b, sb, i, k),      \
+               FN(ew_coef)(op, coef, 3, c, sc, i, k))
+    (void)stream, (void)C;
+    if ((!uses_x || xst == 1) && (!uses_dy || dyst == 1) && (!z || zst == 1) && ost == 1) {
 #if BN_SIMD
-    stream = stream && BN_CAN_STREAM;
-    for (; stream && i < n && BN_MISALIGNED(y + i); ++i, BN_NEXT_CHANNEL(c, 1, C))
-        BN_ST(y + i, FN(epi)(BN_SFMA(BN_LD(x + i) - m[c], a[c], b[c]), BN_ZAT(z, i, 1), relu));
-    for (; i + BN_W <= n; i += BN_W, BN_NEXT_CHANNEL(c, BN_W, C))
-        BN_VSTS(stream, y + i,
-                FN(vepi)(BN_VFMA(BN_VSUB(BN_VLD(x + i), BN_VLDC(m + c)), BN_VLDC(a + c),
-                                 BN_VLDC(b + c)),
-                         BN_ZAT(z, i, 1), relu));
-#if BN_VMASK /* the wrapped coefficient arrays hold a whole vector from any channel */
-    if (i < n)
-        BN_VST_N(y + i,
-                 FN(vepi_n)(BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), BN_VLDC(m + c)),
-                                    BN_VLDC(a + c), BN_VLDC(b + c)),
-                            BN_ZAT(z, i, 1), relu, n - i),
-                 n - i);
-    i = n;
-#endif
-    for (; i < n; ++i, BN_NEXT_CHANNEL(c, 1, C))
-        BN_ST(y + i, FN(epi)(BN_SFMA(BN_LD(x + i) - m[c], a[c], b[c]), BN_ZAT(z, i, 1), relu));
-#endif
-    for (; i < n; ++i, BN_NEXT_CHANNEL(c, 1, C))
-        BN_ST(y + i, FN(epi)((BN_LD(x + i) - m[c]) * a[c] + b[c], BN_ZAT(z, i, 1), relu));
-}
-
-static inline void FN(flat_bwd_dx)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdiff_t n,
-                                   ptrdiff_t C, const BN_CT *m, const BN_CT *a, const BN_CT *b,
-                                   const BN_CT *c, int stream)
-{
-    ptrdiff_t i = 0, k = 0;
-    (void)stream;
-#if BN_SIMD
-    stream = stream && BN_CAN_STREAM;
-    for (; stream && i < n && BN_MISALIGNED(dx + i); ++i, BN_NEXT_CHANNEL(k, 1, C))
-        BN_ST(dx + i, BN_SFMA(a[k], BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m[k], b[k], c[k])));
-    for (; i + BN_W <= n; i += BN_W, BN_NEXT_CHANNEL(k, BN_W, C))
-        BN_VSTS(stream, dx + i,
-                BN_VFMA(BN_VLDC(a + k), BN_VLD(dy + i),
-                        BN_VFMA(BN_VSUB(BN_VLD(x + i), BN_VLDC(m + k)), BN_VLDC(b + k),
-                                BN_VLDC(c + k))));
+        /* a run of one channel: its coefficients broadcast once */
+        BN_V vm = BN_VSET1(sm), va = BN_VSET1(sa), vb = BN_VSET1(sb), vc = BN_VSET1(sc);
+#define BN_EW_VEC(i, tail, r)                                                                     \
+    FN(ew_vec)(op, coef, x, dy, z, relu, mk, m, a, b, c, vm, va, vb, vc, i, k, tail, r)
+        stream = stream && BN_CAN_STREAM;
+        for (; stream && i < n && BN_MISALIGNED(out + i); ++i, BN_EW_NEXT(k, 1))
+            BN_ST(out + i, BN_EW_ONE(1, i, k));
+        if (op == BN_OP_AFFINE && coef == BN_COEFS_ONE) /* two vectors a step */
+            for (; i + 2 * BN_W <= n; i += 2 * BN_W) {
+                BN_V y0 = BN_EW_VEC(i, 0, 0), y1 = BN_EW_VEC(i + BN_W, 0, 0);
+                BN_VSTS(stream, out + i, y0), BN_VSTS(stream, out + i + BN_W, y1);
+            }
+        for (; i + BN_W <= n; i += BN_W, BN_EW_NEXT(k, BN_W))
+            BN_VSTS(stream, out + i, BN_EW_VEC(i, 0, 0));
 #if BN_VMASK
-    if (i < n)
-        BN_VST_N(dx + i,
-                 BN_VFMA(BN_VLDC(a + k), BN_VLD_N(dy + i, n - i),
-                         BN_VFMA(BN_VSUB(BN_VLD_N(x + i, n - i), BN_VLDC(m + k)), BN_VLDC(b + k),
-                                 BN_VLDC(c + k))),
-                 n - i);
-    i = n;
+        if (i < n)
+            BN_VST_N(out + i, BN_EW_VEC(i, 1, n - i), n - i);
+        i = n;
 #endif
-    for (; i < n; ++i, BN_NEXT_CHANNEL(k, 1, C))
-        BN_ST(dx + i, BN_SFMA(a[k], BN_LD(dy + i), BN_SFMA(BN_LD(x + i) - m[k], b[k], c[k])));
+        for (; i < n; ++i, BN_EW_NEXT(k, 1)) BN_ST(out + i, BN_EW_ONE(1, i, k));
+#undef BN_EW_VEC
 #endif
-    for (; i < n; ++i, BN_NEXT_CHANNEL(k, 1, C))
-        BN_ST(dx + i, a[k] * BN_LD(dy + i) + ((BN_LD(x + i) - m[k]) * b[k] + c[k]));
-}
-
-static inline void FN(flat_scale)(const BN_T *dy, BN_T *dx, ptrdiff_t n, ptrdiff_t C,
-                                  const BN_CT *a, int stream)
-{
-    ptrdiff_t i = 0, k = 0;
-    (void)stream;
-#if BN_SIMD
-    stream = stream && BN_CAN_STREAM;
-    for (; stream && i < n && BN_MISALIGNED(dx + i); ++i, BN_NEXT_CHANNEL(k, 1, C))
-        BN_ST(dx + i, a[k] * BN_LD(dy + i));
-    for (; i + BN_W <= n; i += BN_W, BN_NEXT_CHANNEL(k, BN_W, C))
-        BN_VSTS(stream, dx + i, BN_VMUL(BN_VLDC(a + k), BN_VLD(dy + i)));
-#if BN_VMASK
-    if (i < n) BN_VST_N(dx + i, BN_VMUL(BN_VLDC(a + k), BN_VLD_N(dy + i, n - i)), n - i);
-    i = n;
-#endif
-#endif
-    for (; i < n; ++i, BN_NEXT_CHANNEL(k, 1, C)) BN_ST(dx + i, a[k] * BN_LD(dy + i));
+        for (; i < n; ++i, BN_EW_NEXT(k, 1)) BN_ST(out + i, BN_EW_ONE(0, i, k));
+    } else {
+        FN(elementwise_strided)(op, coef, n, c0, x, xst, dy, dyst, z, zst, relu, out, ost, m, a,
+                                b, c);
+    }
+#undef BN_EW_ONE
+#undef BN_EW_NEXT
 }
 
 /* The exact path of a wide channel c (see bn_call in internal.h), element by element. */
@@ -381,110 +352,6 @@ static void FN(run_exact_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrd
     for (i = 0; i < n; ++i)
         BN_ST(dx + i * dxst, (BN_CT)bn_exact_dx(e, c, (double)BN_LD(dy + i * dyst),
                                                 x ? (double)BN_LD(x + i * xst) : 0.0, trained));
-}
-
-/* y[j] = epi((x[j] - m[j]) * a[j] + b[j]) */
-BN_ALWAYS_INLINE void FN(cols_affine)(const BN_T *x, ptrdiff_t xst, BN_T *y, ptrdiff_t yst,
-                                      ptrdiff_t cn, const BN_CT *m, const BN_CT *a,
-                                      const BN_CT *b, int stream, const BN_T *z, ptrdiff_t zst,
-                                      int relu)
-{
-    ptrdiff_t j = 0;
-    (void)stream; /* non-temporal stores need SIMD */
-    if (xst == 1 && yst == 1 && (!z || zst == 1)) {
-#if BN_SIMD
-        stream = stream && BN_CAN_STREAM;
-        for (; stream && j < cn && BN_MISALIGNED(y + j); ++j)
-            BN_ST(y + j, FN(epi)(BN_SFMA(BN_LD(x + j) - m[j], a[j], b[j]), BN_ZAT(z, j, 1), relu));
-        for (; j + BN_W <= cn; j += BN_W)
-            BN_VSTS(stream, y + j,
-                    FN(vepi)(BN_VFMA(BN_VSUB(BN_VLD(x + j), BN_VLDC(m + j)), BN_VLDC(a + j),
-                                     BN_VLDC(b + j)),
-                             BN_ZAT(z, j, 1), relu));
-#if BN_VMASK
-        if (j < cn) {
-            ptrdiff_t r = cn - j;
-            BN_VST_N(y + j,
-                     FN(vepi_n)(BN_VFMA(BN_VSUB(BN_VLD_N(x + j, r), BN_VLD_N(m + j, r)),
-                                        BN_VLD_N(a + j, r), BN_VLD_N(b + j, r)),
-                                BN_ZAT(z, j, 1), relu, r),
-                     r);
-        }
-        j = cn;
-#endif
-        for (; j < cn; ++j)
-            BN_ST(y + j, FN(epi)(BN_SFMA(BN_LD(x + j) - m[j], a[j], b[j]), BN_ZAT(z, j, 1), relu));
-#endif
-        for (; j < cn; ++j)
-            BN_ST(y + j, FN(epi)((BN_LD(x + j) - m[j]) * a[j] + b[j], BN_ZAT(z, j, 1), relu));
-    } else {
-        for (; j < cn; ++j)
-            BN_ST(y + j * yst,
-                  FN(epi)((BN_LD(x + j * xst) - m[j]) * a[j] + b[j], BN_ZAT(z, j, zst), relu));
-    }
-}
-
-/* dx[j] = a[j] * dy[j] + (b[j] * (x[j] - m[j]) + c[j]) */
-static inline void FN(cols_bwd_dx)(const BN_T *dy, ptrdiff_t dyst, const BN_T *x, ptrdiff_t xst,
-                                   BN_T *dx, ptrdiff_t dxst, ptrdiff_t cn, const BN_CT *m,
-                                   const BN_CT *a, const BN_CT *b, const BN_CT *c, int stream)
-{
-    ptrdiff_t j = 0;
-    (void)stream; /* non-temporal stores need SIMD */
-    if (dyst == 1 && xst == 1 && dxst == 1) {
-#if BN_SIMD
-        stream = stream && BN_CAN_STREAM;
-        for (; stream && j < cn && BN_MISALIGNED(dx + j); ++j)
-            BN_ST(dx + j, BN_SFMA(a[j], BN_LD(dy + j), BN_SFMA(BN_LD(x + j) - m[j], b[j], c[j])));
-        for (; j + BN_W <= cn; j += BN_W)
-            BN_VSTS(stream, dx + j, BN_VFMA(BN_VLDC(a + j), BN_VLD(dy + j),
-                                            BN_VFMA(BN_VSUB(BN_VLD(x + j), BN_VLDC(m + j)),
-                                                    BN_VLDC(b + j), BN_VLDC(c + j))));
-#if BN_VMASK
-        if (j < cn) {
-            ptrdiff_t r = cn - j;
-            BN_VST_N(dx + j, BN_VFMA(BN_VLD_N(a + j, r), BN_VLD_N(dy + j, r),
-                                     BN_VFMA(BN_VSUB(BN_VLD_N(x + j, r), BN_VLD_N(m + j, r)),
-                                             BN_VLD_N(b + j, r), BN_VLD_N(c + j, r))), r);
-        }
-        j = cn;
-#endif
-        for (; j < cn; ++j)
-            BN_ST(dx + j, BN_SFMA(a[j], BN_LD(dy + j), BN_SFMA(BN_LD(x + j) - m[j], b[j], c[j])));
-#endif
-        for (; j < cn; ++j)
-            BN_ST(dx + j, a[j] * BN_LD(dy + j) + ((BN_LD(x + j) - m[j]) * b[j] + c[j]));
-    } else {
-        for (; j < cn; ++j)
-            BN_ST(dx + j * dxst,
-                  a[j] * BN_LD(dy + j * dyst) + ((BN_LD(x + j * xst) - m[j]) * b[j] + c[j]));
-    }
-}
-
-/* dx[j] = a[j] * dy[j] */
-static inline void FN(cols_scale)(const BN_T *dy, ptrdiff_t dyst, BN_T *dx, ptrdiff_t dxst,
-                                  ptrdiff_t cn, const BN_CT *a, int stream)
-{
-    ptrdiff_t j = 0;
-    (void)stream; /* non-temporal stores need SIMD */
-    if (dyst == 1 && dxst == 1) {
-#if BN_SIMD
-        stream = stream && BN_CAN_STREAM;
-        for (; stream && j < cn && BN_MISALIGNED(dx + j); ++j) BN_ST(dx + j, a[j] * BN_LD(dy + j));
-        for (; j + BN_W <= cn; j += BN_W)
-            BN_VSTS(stream, dx + j, BN_VMUL(BN_VLDC(a + j), BN_VLD(dy + j)));
-#if BN_VMASK
-        if (j < cn) {
-            ptrdiff_t r = cn - j;
-            BN_VST_N(dx + j, BN_VMUL(BN_VLD_N(a + j, r), BN_VLD_N(dy + j, r)), r);
-        }
-        j = cn;
-#endif
-#endif
-        for (; j < cn; ++j) BN_ST(dx + j, a[j] * BN_LD(dy + j));
-    } else {
-        for (; j < cn; ++j) BN_ST(dx + j * dxst, a[j] * BN_LD(dy + j * dyst));
-    }
 }
 
 /* Reductions over `rows` rows (row stride rs) of cn channels (channel stride cst), one

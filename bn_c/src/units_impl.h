@@ -336,10 +336,10 @@ BN_ALWAYS_INLINE void FN(affine_unit_epi)(const bn_tiling *t, bn_shape s, const 
                     FN(run_exact_y)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
                                     ys.inner, w.len, e, c, zr, zs.inner);
                 else
-                    FN(run_affine)(BN_AT(x, xs, o, c, w.i0), xs.inner, BN_AT(y, ys, o, c, w.i0),
-                                   ys.inner, w.len, m[c], a[c], b[c],
-                                   BN_STREAM_RUN(e, BN_AT(y, ys, o, c, w.i0), w.len), zr,
-                                   zs.inner, relu);
+                    FN(elementwise)(BN_OP_AFFINE, BN_COEFS_ONE, w.len, 1, c,
+                                    BN_AT(x, xs, o, c, w.i0), xs.inner, NULL, 0, zr, zs.inner,
+                                    relu, NULL, BN_AT(y, ys, o, c, w.i0), ys.inner, m, a, b,
+                                    NULL, BN_STREAM_RUN(e, BN_AT(y, ys, o, c, w.i0), w.len));
             }
         FN(stream_fence)(e->stream);
         return;
@@ -349,8 +349,9 @@ BN_ALWAYS_INLINE void FN(affine_unit_epi)(const bn_tiling *t, bn_shape s, const 
         ptrdiff_t n = w.rows * s.channels;
         const BN_T *v = BN_AT(x, xs, w.o0, 0, 0);
         BN_T *r = BN_AT(y, ys, w.o0, 0, 0);
-        FN(flat_affine)(v, r, n, s.channels, m, a, b, BN_STREAM_RUN(e, r, n),
-                        z ? BN_AT(z, zs, w.o0, 0, 0) : z, relu);
+        FN(elementwise)(BN_OP_AFFINE, BN_COEFS_WRAPPED, n, s.channels, 0, v, 1, NULL, 0,
+                        z ? BN_AT(z, zs, w.o0, 0, 0) : z, 1, relu, NULL, r, 1, m, a, b, NULL,
+                        BN_STREAM_RUN(e, r, n));
         FN(stream_fence)(e->stream);
         return;
     }
@@ -368,8 +369,9 @@ BN_ALWAYS_INLINE void FN(affine_unit_epi)(const bn_tiling *t, bn_shape s, const 
                     FN(run_exact_y)(v + q * xs.channel, 0, r + q * ys.channel, 0, 1, e, c + q,
                                     z ? zr + q * zs.channel : z, 0);
             else
-                FN(cols_affine)(v, xs.channel, r, ys.channel, end - j, m + c, a + c, b + c,
-                                BN_STREAM_RUN(e, r, end - j), zr, zs.channel, relu);
+                FN(elementwise)(BN_OP_AFFINE, BN_COEFS_EACH, end - j, 1, 0, v, xs.channel, NULL,
+                                0, zr, zs.channel, relu, NULL, r, ys.channel, m + c, a + c,
+                                b + c, NULL, BN_STREAM_RUN(e, r, end - j));
         }
     }
     FN(stream_fence)(e->stream);
@@ -433,10 +435,11 @@ BN_ALWAYS_INLINE void FN(dx_run)(const BN_T *g, bn_strides dys, const BN_T *v,
     if (wide)
         FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, n, e, k, set);
     else if (b && set)
-        FN(run_bwd_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, n, m[k], a[k], b[k], c[k],
-                       BN_STREAM_RUN(e, d, n), NULL);
+        FN(elementwise)(BN_OP_DX, BN_COEFS_ONE, n, 1, k, v, xs.inner, g, dys.inner, NULL, 0, 0,
+                        NULL, d, dxs.inner, m, a, b, c, BN_STREAM_RUN(e, d, n));
     else
-        FN(run_scale)(g, dys.inner, d, dxs.inner, n, a[k], BN_STREAM_RUN(e, d, n));
+        FN(elementwise)(BN_OP_SCALE, BN_COEFS_ONE, n, 1, k, NULL, 0, g, dys.inner, NULL, 0, 0,
+                        NULL, d, dxs.inner, NULL, a, NULL, NULL, BN_STREAM_RUN(e, d, n));
 }
 
 /* dx of row o of channel k of a planar unit under a mask: one pass with masked lanes where
@@ -451,9 +454,9 @@ static void FN(masked_dx_row)(const bn_unit *w, const BN_T *dy, bn_strides dys, 
     ptrdiff_t i, len;
     if (!wide && mk->mi == 1 && dys.inner == 1 && xs.inner == 1 && dxs.inner == 1) {
         BN_T *d = BN_AT(dx, dxs, o, k, w->i0);
-        FN(run_bwd_dx)(BN_AT(dy, dys, o, k, w->i0), 1, BN_AT(x, xs, o, k, w->i0), 1, d, 1,
-                       w->len, m[k], a[k], b[k], c[k], BN_STREAM_RUN(e, d, w->len),
-                       mk->m + o * mk->mo + w->i0);
+        FN(elementwise)(BN_OP_DX, BN_COEFS_ONE, w->len, 1, k, BN_AT(x, xs, o, k, w->i0), 1,
+                        BN_AT(dy, dys, o, k, w->i0), 1, NULL, 0, 0, mk->m + o * mk->mo + w->i0,
+                        d, 1, m, a, b, c, BN_STREAM_RUN(e, d, w->len));
         return;
     }
     for (i = w->i0; i < w->i0 + w->len; i += len) {
@@ -499,10 +502,12 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
         const BN_T *g = BN_AT(dy, dys, w.o0, 0, 0);
         BN_T *d = BN_AT(dx, dxs, w.o0, 0, 0);
         if (b)
-            FN(flat_bwd_dx)(g, BN_AT(x, xs, w.o0, 0, 0), d, n, s.channels, m, a, b, c,
-                            BN_STREAM_RUN(e, d, n));
+            FN(elementwise)(BN_OP_DX, BN_COEFS_WRAPPED, n, s.channels, 0,
+                            BN_AT(x, xs, w.o0, 0, 0), 1, g, 1, NULL, 0, 0, NULL, d, 1, m, a, b,
+                            c, BN_STREAM_RUN(e, d, n));
         else
-            FN(flat_scale)(g, d, n, s.channels, a, BN_STREAM_RUN(e, d, n));
+            FN(elementwise)(BN_OP_SCALE, BN_COEFS_WRAPPED, n, s.channels, 0, NULL, 0, g, 1, NULL,
+                            0, 0, NULL, d, 1, NULL, a, NULL, NULL, BN_STREAM_RUN(e, d, n));
         FN(stream_fence)(e->stream);
         return;
     }
@@ -518,11 +523,13 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
                     FN(run_exact_dx)(g + q * dys.channel, 0, v ? v + q * xs.channel : v, 0,
                                      d + q * dxs.channel, 0, 1, e, k + q, set);
             else if (b && set)
-                FN(cols_bwd_dx)(g, dys.channel, v, xs.channel, d, dxs.channel, end - j, m + k,
-                                a + k, b + k, c + k, BN_STREAM_RUN(e, d, end - j));
+                FN(elementwise)(BN_OP_DX, BN_COEFS_EACH, end - j, 1, 0, v, xs.channel, g,
+                                dys.channel, NULL, 0, 0, NULL, d, dxs.channel, m + k, a + k,
+                                b + k, c + k, BN_STREAM_RUN(e, d, end - j));
             else
-                FN(cols_scale)(g, dys.channel, d, dxs.channel, end - j, a + k,
-                               BN_STREAM_RUN(e, d, end - j));
+                FN(elementwise)(BN_OP_SCALE, BN_COEFS_EACH, end - j, 1, 0, NULL, 0, g,
+                                dys.channel, NULL, 0, 0, NULL, d, dxs.channel, NULL, a + k,
+                                NULL, NULL, BN_STREAM_RUN(e, d, end - j));
         }
     }
     FN(stream_fence)(e->stream);
