@@ -236,7 +236,7 @@ static int check(void)
     char *first = NULL;
     const char *first_isa = NULL;
     int k, failures = 0, sets = 0;
-    for (k = 0; k < 3; ++k) {
+    for (k = 0; k < (int)(sizeof simd / sizeof simd[0]); ++k) {
         char *one, *four;
         if (!bn_isa_available(simd[k])) continue;
         one = digests_of(simd[k], 1), four = digests_of(simd[k], 4);

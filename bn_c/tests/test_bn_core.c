@@ -287,7 +287,7 @@ int main(void)
     static const char *isas[] = {"baseline", "avx2", "avx512", "neon"};
     int k, ran = 0;
     CHECK(bn_set_isa("no-such-isa") == BN_ERR_ISA, "unknown ISA accepted");
-    for (k = 0; k < 4; ++k) {
+    for (k = 0; k < (int)(sizeof isas / sizeof isas[0]); ++k) {
         if (!bn_isa_available(isas[k])) continue;
         CHECK(bn_set_isa(isas[k]) == BN_OK, "set_isa(%s)", isas[k]);
         CHECK(strcmp(bn_active_isa(), isas[k]) == 0, "active %s", bn_active_isa());
