@@ -20,17 +20,10 @@ import numpy as np
 
 import batchnorm as bn
 
-from .common import LAYOUTS, inputs, interleaved_samples
+from .common import LAYOUTS, at_offset, inputs, interleaved_samples
 
 OPS = ["forward_train", "forward_eval", "backward"]
 STEP = 64
-
-
-def at_offset(buf: np.ndarray, x: np.ndarray, offset: int) -> np.ndarray:
-    """A view into buf (x.nbytes + 8192 bytes) like x, starting ``offset`` bytes after x's
-    data modulo 4096."""
-    shift = (x.ctypes.data + offset - buf.ctypes.data) % 4096
-    return buf[shift:shift + x.nbytes].view(x.dtype).reshape(x.shape)
 
 
 class OutPageOffsets:

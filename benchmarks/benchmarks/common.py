@@ -71,7 +71,12 @@ def apart(x: np.ndarray, offset: int = 2048) -> np.ndarray:
     severalfold (the 64x128 copy here: 1.4x from one process to the next). Half a page apart,
     always, takes that out of the figures the suite compares.
     """
-    buf = np.empty(x.nbytes + 8192, np.uint8)
+    return at_offset(np.empty(x.nbytes + 8192, np.uint8), x, offset)
+
+
+def at_offset(buf: np.ndarray, x: np.ndarray, offset: int) -> np.ndarray:
+    """A view into buf (uint8, x.nbytes + 8192 bytes) like x (C order), starting ``offset``
+    bytes after x's data modulo 4096: one buffer serves every offset."""
     shift = (x.ctypes.data + offset - buf.ctypes.data) % 4096
     return buf[shift:shift + x.nbytes].view(x.dtype).reshape(x.shape)
 
