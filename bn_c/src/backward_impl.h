@@ -145,9 +145,9 @@ static int FN(backward_run)(bn_shape s, const BN_T *dy, bn_strides dys, const BN
     t0 = bn_make_tiling(s, 0, cc);
     size = t0.parts * BN_PART_STRIDE(cc);
     sums = (double *)bn_alloc_aligned(sizeof(double) * 2 * (size_t)(size + cc));
-    coef = (BN_CT *)malloc(sizeof(BN_CT) * 4 * (size_t)BN_COEF_STRIDE(C));
+    coef = FN(alloc_coefs)(4, C, dx);
     if (!sums || !coef) {
-        bn_free_aligned(sums), free(coef);
+        bn_free_aligned(sums), FN(free_coefs)(coef, C);
         return BN_ERR_NOMEM;
     }
     nt = bn_threads_for(s.outer * C * s.inner,
@@ -155,7 +155,7 @@ static int FN(backward_run)(bn_shape s, const BN_T *dy, bn_strides dys, const BN
                         t0.units);
     BN_ON_THREADS(nt, FN(backward_chunks), s, dy, dys, x, xs, dx, dxs, mean, var, gamma, eps,
                   training, total, dgamma, dbeta, opt, &mk, cc, size, sums, coef, &wide);
-    bn_free_aligned(sums), free(coef);
+    bn_free_aligned(sums), FN(free_coefs)(coef, C);
     return BN_OK;
 }
 

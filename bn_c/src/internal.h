@@ -73,6 +73,8 @@ ptrdiff_t bn_chunk_channels(bn_shape s, int arrays, size_t itemsize);
 
 /* Memory aligned to a cache line (64 bytes), freed with bn_free_aligned. */
 void *bn_alloc_aligned(size_t bytes);
+/* Memory that starts `at` bytes into a page (modulo 4096), freed with bn_free_aligned. */
+void *bn_alloc_at(size_t bytes, size_t at);
 void bn_free_aligned(void *p);
 
 /* Partial results are merged in blocks of BN_MERGE_BLOCK channels, one block per call, so

@@ -25,7 +25,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     if (!bn_shape_ok(s) || (C > 0 && (!mean || !var))) return BN_ERR_ARG;
     if (C == 0 || s.outer == 0 || s.inner == 0) return BN_OK;
     if (!x || !y) return BN_ERR_ARG;
-    coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)CS);
+    coef = FN(alloc_coefs)(3, C, y);
     if (!coef) return BN_ERR_NOMEM;
     wide = FN(affine_coefficients)(0, C, mean, var, gamma, beta, eps, 0.0, coef, coef + CS,
                                    coef + 2 * CS);
@@ -34,7 +34,7 @@ int BN_EXPORT(bn_forward_eval, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs, 
     t = bn_make_pass_tiling(s, 0, C);
     nt = bn_threads_for(s.outer * C * s.inner, 1, t.units);
     BN_ON_THREADS(nt, FN(eval_units), &t, s, x, xs, y, ys, coef, CS, &ex);
-    free(coef);
+    FN(free_coefs)(coef, C);
     return BN_OK;
 }
 
@@ -105,16 +105,16 @@ int BN_EXPORT(bn_forward_train, BN_TN)(bn_shape s, const BN_T *x, bn_strides xs,
     size = t0.parts * BN_PART_STRIDE(cc);
     /* partial means and M2, then (masked) the parts' counts */
     scratch = (double *)bn_alloc_aligned(sizeof(double) * (2 * (size_t)size + (size_t)t0.parts));
-    coef = (BN_CT *)malloc(sizeof(BN_CT) * 3 * (size_t)BN_COEF_STRIDE(C));
+    coef = FN(alloc_coefs)(3, C, y);
     if (!scratch || !coef) {
-        bn_free_aligned(scratch), free(coef);
+        bn_free_aligned(scratch), FN(free_coefs)(coef, C);
         return BN_ERR_NOMEM;
     }
     if (mk.m) bn_part_mask_counts(&t0, s, &mk, scratch + 2 * size);
     nt = bn_threads_for(s.outer * C * s.inner, 2, t0.units);
     BN_ON_THREADS(nt, FN(train_chunks), s, x, xs, y, ys, gamma, beta, eps, mean, var, opt, &mk,
                   cc, size, scratch, coef, &wide);
-    bn_free_aligned(scratch), free(coef);
+    bn_free_aligned(scratch), FN(free_coefs)(coef, C);
     return BN_OK;
 }
 

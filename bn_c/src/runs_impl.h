@@ -172,7 +172,10 @@ static inline void FN(wrap_channels)(BN_CT *coef, int arrays, ptrdiff_t C, ptrdi
  * scalar head and tail alike, so the vector width never changes a result; the baseline and
  * the strided loop compute as written. In place (out == x, dy or z) is fine: each vector is
  * read before it is written. With `stream`, full vectors are stored non-temporally from the
- * first aligned element on. */
+ * first aligned element on. With `head` (a constant; see BN_ALIGNS_RUN), the elements before
+ * out's first vector boundary are written first, so that every later vector is aligned.
+ * Neither changes a result: the split of a run by address computes each element as the
+ * lanes do (checked by test_outputs_do_not_depend_on_alignment in bn_c/tests). */
 
 /* Coefficient q (0 m, 1 a, 2 b, 3 c) of element i in channel k, as a scalar; one the
  * operation does not use is never read. `one` is BN_COEFS_ONE's, read once before the loops
@@ -284,7 +287,7 @@ BN_ALWAYS_INLINE void FN(elementwise)(int op, int coef, ptrdiff_t n, ptrdiff_t C
                                       ptrdiff_t dyst, const BN_T *z, ptrdiff_t zst, int relu,
                                       const unsigned char *mk, BN_T *out, ptrdiff_t ost,
                                       const BN_CT *m, const BN_CT *a, const BN_CT *b,
-                                      const BN_CT *c, int stream)
+                                      const BN_CT *c, int stream, int head)
 {
     const int uses_x = op != BN_OP_SCALE, uses_dy = op != BN_OP_AFFINE;
     ptrdiff_t i = 0, k = 0; /* the element, and its channel with BN_COEFS_WRAPPED */
@@ -296,7 +299,7 @@ BN_ALWAYS_INLINE void FN(elementwise)(int op, int coef, ptrdiff_t n, ptrdiff_t C
                relu, !mk || mk[i], FN(ew_coef)(op, coef, 0, m, sm, i, k),                         \
                FN(ew_coef)(op, coef, 1, a, sa, i, k), FN(ew_coef)(op, coef, 2, b, sb, i, k),      \
                FN(ew_coef)(op, coef, 3, c, sc, i, k))
-    (void)stream, (void)C;
+    (void)stream, (void)C, (void)head;
     if ((!uses_x || xst == 1) && (!uses_dy || dyst == 1) && (!z || zst == 1) && ost == 1) {
 #if BN_SIMD
         /* a run of one channel: its coefficients broadcast once */
@@ -304,6 +307,18 @@ BN_ALWAYS_INLINE void FN(elementwise)(int op, int coef, ptrdiff_t n, ptrdiff_t C
 #define BN_EW_VEC(i, tail, r)                                                                     \
     FN(ew_vec)(op, coef, x, dy, z, relu, mk, m, a, b, c, vm, va, vb, vc, i, k, tail, r)
         stream = stream && BN_CAN_STREAM;
+        if (head && BN_MISALIGNED(out) % sizeof(BN_T) == 0) { /* see BN_ALIGNS_RUN */
+#if BN_VMASK
+            if (BN_MISALIGNED(out)) {
+                ptrdiff_t h = (ptrdiff_t)((BN_VBYTES - BN_MISALIGNED(out)) / sizeof(BN_T));
+                BN_VST_N(out, BN_EW_VEC(0, 1, h), h);
+                i = h, BN_EW_NEXT(k, h);
+            }
+#else
+            for (; i < n && BN_MISALIGNED(out + i); ++i, BN_EW_NEXT(k, 1))
+                BN_ST(out + i, BN_EW_ONE(1, i, k));
+#endif
+        }
         for (; stream && i < n && BN_MISALIGNED(out + i); ++i, BN_EW_NEXT(k, 1))
             BN_ST(out + i, BN_EW_ONE(1, i, k));
         if (op == BN_OP_AFFINE && coef == BN_COEFS_ONE) /* two vectors a step */
@@ -328,6 +343,46 @@ BN_ALWAYS_INLINE void FN(elementwise)(int op, int coef, ptrdiff_t n, ptrdiff_t C
     }
 #undef BN_EW_ONE
 #undef BN_EW_NEXT
+}
+
+/* Rows across channels (BN_COEFS_EACH) of at least BN_ALIGN_MIN_RUN vectors are written
+ * with the driver's `head`: the elements before out's first vector boundary first (one
+ * masked vector, or scalars; the same arithmetic as the lanes), so that the rest of the
+ * row's stores, and its loads where x, dy and the coefficient arrays lie alike
+ * (alloc_coefs), never straddle two cache lines. NumPy puts arrays of 128 KB and more 16
+ * bytes into a page, where every 512-bit access and every other 256-bit one straddles two:
+ * on (256, 1024) float32 there (one thread) the training forward took 87 -> 75 us with
+ * AVX-512 and 100-107 -> 83-86 with AVX2, inference 32 -> 27-28. Callers choose once per
+ * unit (affine_rows, dx_rows), so shorter rows keep their loops as they were; a test inside
+ * the loops, or a head on planar runs, made small shapes 10-20% slower. */
+#define BN_ALIGN_MIN_RUN 16
+#if BN_SIMD
+#define BN_ALIGNS_RUN(n) ((n) >= BN_ALIGN_MIN_RUN * BN_W)
+#else
+#define BN_ALIGNS_RUN(n) 0
+#endif
+/* The coefficient arrays (`arrays` of them, BN_COEF_STRIDE(C) apart) of passes writing
+ * `out`; free_coefs with the same C frees them. With rows long enough for the head (see
+ * BN_ALIGNS_RUN) they start at out's offset within a cache line, so that a row's
+ * coefficient loads are aligned with its stores (all arrays, when C is a multiple of 16),
+ * and half a page from out, so that they never alias its pending stores modulo 4 KB (on
+ * (256, 1024), within 128 bytes after out or 64 before it, calls took 1.1-1.3x as long as
+ * at 0.5-3.5 KB). Otherwise from malloc, as before: rows of 128 channels were 15-40% slower
+ * with their coefficients at any of 16 other placements tried. */
+static inline BN_CT *FN(alloc_coefs)(int arrays, ptrdiff_t C, const void *out)
+{
+    size_t bytes = sizeof(BN_CT) * (size_t)arrays * (size_t)BN_COEF_STRIDE(C);
+    if (BN_ALIGNS_RUN(C)) return (BN_CT *)bn_alloc_at(bytes, ((uintptr_t)out + 2048) % 4096);
+    return (BN_CT *)malloc(bytes);
+}
+
+static inline void FN(free_coefs)(BN_CT *coef, ptrdiff_t C)
+{
+    (void)C;
+    if (BN_ALIGNS_RUN(C))
+        bn_free_aligned(coef);
+    else
+        free(coef);
 }
 
 /* The exact path of a wide channel c (see bn_call in internal.h), element by element. */

@@ -10,15 +10,21 @@
 /* The block malloc returned is kept just before the aligned pointer. */
 #define BN_LINE 64
 
-void *bn_alloc_aligned(size_t bytes)
+/* `bytes` at an address equal to `at` modulo `period` (a power of two), from a block with
+ * room for that much padding. */
+static void *bn_alloc_mod(size_t bytes, size_t at, size_t period)
 {
-    unsigned char *raw = (unsigned char *)malloc(bytes + BN_LINE + sizeof(void *)), *p;
+    unsigned char *raw = (unsigned char *)malloc(bytes + period + sizeof(void *)), *p;
     if (!raw) return NULL;
     p = raw + sizeof(void *);
-    p += (BN_LINE - (uintptr_t)p % BN_LINE) % BN_LINE;
+    p += ((uintptr_t)at - (uintptr_t)p) & (period - 1);
     memcpy(p - sizeof(void *), &raw, sizeof raw);
     return p;
 }
+
+void *bn_alloc_aligned(size_t bytes) { return bn_alloc_mod(bytes, 0, BN_LINE); }
+
+void *bn_alloc_at(size_t bytes, size_t at) { return bn_alloc_mod(bytes, at, 4096); }
 
 void bn_free_aligned(void *p)
 {

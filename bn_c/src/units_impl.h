@@ -316,6 +316,30 @@ static inline ptrdiff_t FN(same_kind_end)(const BN_CT *m, const BN_CT *a, const 
     return j;
 }
 
+/* The rows of interleaved unit w over channels [c, c + n), all wide (bn_exact_y) or none;
+ * `head`: each row starts with the elements before y's first vector boundary (see
+ * BN_ALIGNS_RUN; a constant, so rows too short for it keep their loop as it was). */
+BN_ALWAYS_INLINE void FN(affine_rows)(const bn_unit *w, ptrdiff_t c, ptrdiff_t n, int wide,
+                                      int head, const BN_T *x, bn_strides xs, BN_T *y,
+                                      bn_strides ys, const BN_CT *m, const BN_CT *a,
+                                      const BN_CT *b, const bn_call *e, const BN_T *z,
+                                      bn_strides zs, int relu)
+{
+    ptrdiff_t o, q;
+    for (o = w->o0; o < w->o0 + w->rows; ++o) {
+        const BN_T *v = BN_AT(x, xs, o, c, 0), *zr = z ? BN_AT(z, zs, o, c, 0) : z;
+        BN_T *r = BN_AT(y, ys, o, c, 0);
+        if (wide)
+            for (q = 0; q < n; ++q)
+                FN(run_exact_y)(v + q * xs.channel, 0, r + q * ys.channel, 0, 1, e, c + q,
+                                z ? zr + q * zs.channel : z, 0);
+        else
+            FN(elementwise)(BN_OP_AFFINE, BN_COEFS_EACH, n, 1, 0, v, xs.channel, NULL, 0, zr,
+                            zs.channel, relu, NULL, r, ys.channel, m + c, a + c, b + c, NULL,
+                            BN_STREAM_RUN(e, r, n), head);
+    }
+}
+
 /* y = epi((x - m) * a + b) over a unit (wide channels: bn_exact_y), with the epilogue's z
  * (NULL: none, strides zs) and relu as constants of the caller. Traffic: read x (and z),
  * write y. */
@@ -339,7 +363,7 @@ BN_ALWAYS_INLINE void FN(affine_unit_epi)(const bn_tiling *t, bn_shape s, const 
                     FN(elementwise)(BN_OP_AFFINE, BN_COEFS_ONE, w.len, 1, c,
                                     BN_AT(x, xs, o, c, w.i0), xs.inner, NULL, 0, zr, zs.inner,
                                     relu, NULL, BN_AT(y, ys, o, c, w.i0), ys.inner, m, a, b,
-                                    NULL, BN_STREAM_RUN(e, BN_AT(y, ys, o, c, w.i0), w.len));
+                                    NULL, BN_STREAM_RUN(e, BN_AT(y, ys, o, c, w.i0), w.len), 0);
             }
         FN(stream_fence)(e->stream);
         return;
@@ -351,7 +375,7 @@ BN_ALWAYS_INLINE void FN(affine_unit_epi)(const bn_tiling *t, bn_shape s, const 
         BN_T *r = BN_AT(y, ys, w.o0, 0, 0);
         FN(elementwise)(BN_OP_AFFINE, BN_COEFS_WRAPPED, n, s.channels, 0, v, 1, NULL, 0,
                         z ? BN_AT(z, zs, w.o0, 0, 0) : z, 1, relu, NULL, r, 1, m, a, b, NULL,
-                        BN_STREAM_RUN(e, r, n));
+                        BN_STREAM_RUN(e, r, n), 0);
         FN(stream_fence)(e->stream);
         return;
     }
@@ -360,19 +384,11 @@ BN_ALWAYS_INLINE void FN(affine_unit_epi)(const bn_tiling *t, bn_shape s, const 
     for (j = 0; j < w.cn; j = end) {
         int wide = *e->wide && FN(wide)(m, a, b, NULL, w.c0 + j);
         end = *e->wide ? FN(same_kind_end)(m, a, b, NULL, w.c0, j, w.cn) : w.cn;
-        for (c = w.c0 + j, o = w.o0; o < w.o0 + w.rows; ++o) {
-            const BN_T *v = BN_AT(x, xs, o, c, 0), *zr = z ? BN_AT(z, zs, o, c, 0) : z;
-            BN_T *r = BN_AT(y, ys, o, c, 0);
-            ptrdiff_t q;
-            if (wide)
-                for (q = 0; q < end - j; ++q)
-                    FN(run_exact_y)(v + q * xs.channel, 0, r + q * ys.channel, 0, 1, e, c + q,
-                                    z ? zr + q * zs.channel : z, 0);
-            else
-                FN(elementwise)(BN_OP_AFFINE, BN_COEFS_EACH, end - j, 1, 0, v, xs.channel, NULL,
-                                0, zr, zs.channel, relu, NULL, r, ys.channel, m + c, a + c,
-                                b + c, NULL, BN_STREAM_RUN(e, r, end - j));
-        }
+        if (!wide && BN_ALIGNS_RUN(end - j))
+            FN(affine_rows)(&w, w.c0 + j, end - j, 0, 1, x, xs, y, ys, m, a, b, e, z, zs, relu);
+        else
+            FN(affine_rows)(&w, w.c0 + j, end - j, wide, 0, x, xs, y, ys, m, a, b, e, z, zs,
+                            relu);
     }
     FN(stream_fence)(e->stream);
 }
@@ -436,10 +452,10 @@ BN_ALWAYS_INLINE void FN(dx_run)(const BN_T *g, bn_strides dys, const BN_T *v,
         FN(run_exact_dx)(g, dys.inner, v, xs.inner, d, dxs.inner, n, e, k, set);
     else if (b && set)
         FN(elementwise)(BN_OP_DX, BN_COEFS_ONE, n, 1, k, v, xs.inner, g, dys.inner, NULL, 0, 0,
-                        NULL, d, dxs.inner, m, a, b, c, BN_STREAM_RUN(e, d, n));
+                        NULL, d, dxs.inner, m, a, b, c, BN_STREAM_RUN(e, d, n), 0);
     else
         FN(elementwise)(BN_OP_SCALE, BN_COEFS_ONE, n, 1, k, NULL, 0, g, dys.inner, NULL, 0, 0,
-                        NULL, d, dxs.inner, NULL, a, NULL, NULL, BN_STREAM_RUN(e, d, n));
+                        NULL, d, dxs.inner, NULL, a, NULL, NULL, BN_STREAM_RUN(e, d, n), 0);
 }
 
 /* dx of row o of channel k of a planar unit under a mask: one pass with masked lanes where
@@ -456,7 +472,7 @@ static void FN(masked_dx_row)(const bn_unit *w, const BN_T *dy, bn_strides dys, 
         BN_T *d = BN_AT(dx, dxs, o, k, w->i0);
         FN(elementwise)(BN_OP_DX, BN_COEFS_ONE, w->len, 1, k, BN_AT(x, xs, o, k, w->i0), 1,
                         BN_AT(dy, dys, o, k, w->i0), 1, NULL, 0, 0, mk->m + o * mk->mo + w->i0,
-                        d, 1, m, a, b, c, BN_STREAM_RUN(e, d, w->len));
+                        d, 1, m, a, b, c, BN_STREAM_RUN(e, d, w->len), 0);
         return;
     }
     for (i = w->i0; i < w->i0 + w->len; i += len) {
@@ -464,6 +480,34 @@ static void FN(masked_dx_row)(const bn_unit *w, const BN_T *dy, bn_strides dys, 
         len = bn_mask_span(mk->m + o * mk->mo + i * mk->mi, mk->mi, w->i0 + w->len - i, set);
         FN(dx_run)(BN_AT(dy, dys, o, k, i), dys, BN_AT(x, xs, o, k, i), xs,
                    BN_AT(dx, dxs, o, k, i), dxs, len, m, a, b, c, e, k, wide, set);
+    }
+}
+
+/* The rows of interleaved unit w over channels [k, k + n), all wide (bn_exact_dx) or none;
+ * rows the mask (NULL: none) leaves out get a*dy; `head` as in affine_rows. */
+BN_ALWAYS_INLINE void FN(dx_rows)(const bn_unit *w, ptrdiff_t k, ptrdiff_t n, int wide,
+                                  int head, const BN_T *dy, bn_strides dys, const BN_T *x,
+                                  bn_strides xs, BN_T *dx, bn_strides dxs, const BN_CT *m,
+                                  const BN_CT *a, const BN_CT *b, const BN_CT *c,
+                                  const bn_call *e, const bn_mask *mk)
+{
+    ptrdiff_t o, q;
+    for (o = w->o0; o < w->o0 + w->rows; ++o) {
+        int set = !mk || BN_MASKED_IN(mk, o, 0);
+        const BN_T *g = BN_AT(dy, dys, o, k, 0), *v = x ? BN_AT(x, xs, o, k, 0) : x;
+        BN_T *d = BN_AT(dx, dxs, o, k, 0);
+        if (wide)
+            for (q = 0; q < n; ++q)
+                FN(run_exact_dx)(g + q * dys.channel, 0, v ? v + q * xs.channel : v, 0,
+                                 d + q * dxs.channel, 0, 1, e, k + q, set);
+        else if (b && set)
+            FN(elementwise)(BN_OP_DX, BN_COEFS_EACH, n, 1, 0, v, xs.channel, g, dys.channel,
+                            NULL, 0, 0, NULL, d, dxs.channel, m + k, a + k, b + k, c + k,
+                            BN_STREAM_RUN(e, d, n), head);
+        else
+            FN(elementwise)(BN_OP_SCALE, BN_COEFS_EACH, n, 1, 0, NULL, 0, g, dys.channel, NULL,
+                            0, 0, NULL, d, dxs.channel, NULL, a + k, NULL, NULL,
+                            BN_STREAM_RUN(e, d, n), head);
     }
 }
 
@@ -479,7 +523,7 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
                                    const bn_mask *mk)
 {
     bn_unit w = bn_unit_at(t, s, u);
-    ptrdiff_t o, k, j, end, q;
+    ptrdiff_t o, k, j, end;
     if (t->planar) {
         for (o = w.o0; o < w.o0 + w.rows; ++o) /* row by row, as in affine_unit */
             for (k = w.c0; k < w.c0 + w.cn; ++k) {
@@ -504,33 +548,21 @@ static inline void FN(bwd_dx_unit)(const bn_tiling *t, bn_shape s, const BN_T *d
         if (b)
             FN(elementwise)(BN_OP_DX, BN_COEFS_WRAPPED, n, s.channels, 0,
                             BN_AT(x, xs, w.o0, 0, 0), 1, g, 1, NULL, 0, 0, NULL, d, 1, m, a, b,
-                            c, BN_STREAM_RUN(e, d, n));
+                            c, BN_STREAM_RUN(e, d, n), 0);
         else
             FN(elementwise)(BN_OP_SCALE, BN_COEFS_WRAPPED, n, s.channels, 0, NULL, 0, g, 1, NULL,
-                            0, 0, NULL, d, 1, NULL, a, NULL, NULL, BN_STREAM_RUN(e, d, n));
+                            0, 0, NULL, d, 1, NULL, a, NULL, NULL, BN_STREAM_RUN(e, d, n), 0);
         FN(stream_fence)(e->stream);
         return;
     }
     for (j = 0; j < w.cn; j = end) {
         int wide = *e->wide && FN(wide)(m, a, b, c, w.c0 + j);
         end = *e->wide ? FN(same_kind_end)(m, a, b, c, w.c0, j, w.cn) : w.cn;
-        for (k = w.c0 + j, o = w.o0; o < w.o0 + w.rows; ++o) {
-            int set = !mk || BN_MASKED_IN(mk, o, 0);
-            const BN_T *g = BN_AT(dy, dys, o, k, 0), *v = x ? BN_AT(x, xs, o, k, 0) : x;
-            BN_T *d = BN_AT(dx, dxs, o, k, 0);
-            if (wide)
-                for (q = 0; q < end - j; ++q)
-                    FN(run_exact_dx)(g + q * dys.channel, 0, v ? v + q * xs.channel : v, 0,
-                                     d + q * dxs.channel, 0, 1, e, k + q, set);
-            else if (b && set)
-                FN(elementwise)(BN_OP_DX, BN_COEFS_EACH, end - j, 1, 0, v, xs.channel, g,
-                                dys.channel, NULL, 0, 0, NULL, d, dxs.channel, m + k, a + k,
-                                b + k, c + k, BN_STREAM_RUN(e, d, end - j));
-            else
-                FN(elementwise)(BN_OP_SCALE, BN_COEFS_EACH, end - j, 1, 0, NULL, 0, g,
-                                dys.channel, NULL, 0, 0, NULL, d, dxs.channel, NULL, a + k,
-                                NULL, NULL, BN_STREAM_RUN(e, d, end - j));
-        }
+        if (!wide && BN_ALIGNS_RUN(end - j))
+            FN(dx_rows)(&w, w.c0 + j, end - j, 0, 1, dy, dys, x, xs, dx, dxs, m, a, b, c, e, mk);
+        else
+            FN(dx_rows)(&w, w.c0 + j, end - j, wide, 0, dy, dys, x, xs, dx, dxs, m, a, b, c, e,
+                        mk);
     }
     FN(stream_fence)(e->stream);
 }
