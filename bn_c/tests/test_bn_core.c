@@ -283,10 +283,10 @@ static void test_calls_from_callers_threads(void)
 }
 
 /* The same bits wherever x, dy and the output lie within a cache line or a page: the
- * forward passes and the backward, planar and channels-last, on runs long enough for any
- * alignment of their own (300 and 520 values) and short ones (20). Checks that whatever
- * splits a run by address (non-temporal stores do; docs/performance.rst has the aligned
- * head that was measured) computes every element as the rest of the run does. */
+ * forward passes and the backward, planar and channels-last, on runs long enough for the
+ * aligned head of channels-last rows (520 values), planar runs of 300 and short rows (20).
+ * Whatever splits a run by address (that head, non-temporal stores) must compute every
+ * element as the rest of the run does. */
 static void test_outputs_do_not_depend_on_alignment(void)
 {
     enum { N = 6, C = 520, I = 300, PAD = 4096, MAXE = N * 2 * C };
