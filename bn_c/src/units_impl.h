@@ -317,10 +317,10 @@ static inline ptrdiff_t FN(same_kind_end)(const BN_CT *m, const BN_CT *a, const 
 }
 
 /* The rows of interleaved unit w over channels [c, c + n), all wide (bn_exact_y) or none;
- * `head`: each row starts with the elements before y's first vector boundary (see
- * BN_ALIGNS_RUN; a constant, so rows too short for it keep their loop as it was). */
+ * `long_run`: the driver's (see BN_ALIGNS_RUN; a constant, so rows too short for it keep
+ * their loop as it was). */
 BN_ALWAYS_INLINE void FN(affine_rows)(const bn_unit *w, ptrdiff_t c, ptrdiff_t n, int wide,
-                                      int head, const BN_T *x, bn_strides xs, BN_T *y,
+                                      int long_run, const BN_T *x, bn_strides xs, BN_T *y,
                                       bn_strides ys, const BN_CT *m, const BN_CT *a,
                                       const BN_CT *b, const bn_call *e, const BN_T *z,
                                       bn_strides zs, int relu)
@@ -336,7 +336,7 @@ BN_ALWAYS_INLINE void FN(affine_rows)(const bn_unit *w, ptrdiff_t c, ptrdiff_t n
         else
             FN(elementwise)(BN_OP_AFFINE, BN_COEFS_EACH, n, 1, 0, v, xs.channel, NULL, 0, zr,
                             zs.channel, relu, NULL, r, ys.channel, m + c, a + c, b + c, NULL,
-                            BN_STREAM_RUN(e, r, n), head);
+                            BN_STREAM_RUN(e, r, n), long_run);
     }
 }
 
@@ -484,9 +484,9 @@ static void FN(masked_dx_row)(const bn_unit *w, const BN_T *dy, bn_strides dys, 
 }
 
 /* The rows of interleaved unit w over channels [k, k + n), all wide (bn_exact_dx) or none;
- * rows the mask (NULL: none) leaves out get a*dy; `head` as in affine_rows. */
+ * rows the mask (NULL: none) leaves out get a*dy; `long_run` as in affine_rows. */
 BN_ALWAYS_INLINE void FN(dx_rows)(const bn_unit *w, ptrdiff_t k, ptrdiff_t n, int wide,
-                                  int head, const BN_T *dy, bn_strides dys, const BN_T *x,
+                                  int long_run, const BN_T *dy, bn_strides dys, const BN_T *x,
                                   bn_strides xs, BN_T *dx, bn_strides dxs, const BN_CT *m,
                                   const BN_CT *a, const BN_CT *b, const BN_CT *c,
                                   const bn_call *e, const bn_mask *mk)
@@ -503,11 +503,11 @@ BN_ALWAYS_INLINE void FN(dx_rows)(const bn_unit *w, ptrdiff_t k, ptrdiff_t n, in
         else if (b && set)
             FN(elementwise)(BN_OP_DX, BN_COEFS_EACH, n, 1, 0, v, xs.channel, g, dys.channel,
                             NULL, 0, 0, NULL, d, dxs.channel, m + k, a + k, b + k, c + k,
-                            BN_STREAM_RUN(e, d, n), head);
+                            BN_STREAM_RUN(e, d, n), long_run);
         else
             FN(elementwise)(BN_OP_SCALE, BN_COEFS_EACH, n, 1, 0, NULL, 0, g, dys.channel, NULL,
                             0, 0, NULL, d, dxs.channel, NULL, a + k, NULL, NULL,
-                            BN_STREAM_RUN(e, d, n), head);
+                            BN_STREAM_RUN(e, d, n), long_run);
     }
 }
 
