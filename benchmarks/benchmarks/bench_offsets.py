@@ -70,10 +70,11 @@ if __name__ == "__main__":
     bench = OutPageOffsets()
     for shape in ["256x1024", "32x64x28x28"]:
         for layout in LAYOUTS:
-            if shape == "256x1024" and layout == "nhwc":
-                continue
             for op in OPS:
-                bench.setup(shape, layout, op)
+                try:
+                    bench.setup(shape, layout, op)
+                except NotImplementedError:  # a 2-D shape has one layout (asv's skip)
+                    continue
                 t = bench.times(op)
                 best = min(t.values())
                 slow = ", ".join(f"+{o}: {v / best:.2f}" for o, v in t.items() if v > 1.1 * best)

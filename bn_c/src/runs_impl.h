@@ -389,8 +389,9 @@ BN_ALWAYS_INLINE void FN(elementwise)(int op, int coef, ptrdiff_t n, ptrdiff_t C
  * coefficient loads are aligned with its stores (all arrays, when C is a multiple of 16),
  * and half a page from out, so that they never alias its pending stores modulo 4 KB (on
  * (256, 1024), within 128 bytes after out or 64 before it, calls took 1.1-1.3x as long as
- * at 0.5-3.5 KB). Otherwise from malloc, as before: rows of 128 channels were 15-40% slower
- * with their coefficients at any of 16 other placements tried. */
+ * at 0.5-3.5 KB). Otherwise from malloc, as before: with one allocator for both (aligned to
+ * a line), rows of 128 channels took 1.07-1.10x as long, the other placements tried 1.1-1.4x
+ * (where x and out lie 16 bytes into a page). */
 static inline BN_CT *FN(alloc_coefs)(int arrays, ptrdiff_t C, const void *out)
 {
     size_t bytes = sizeof(BN_CT) * (size_t)arrays * (size_t)BN_COEF_STRIDE(C);
