@@ -315,6 +315,36 @@ def test_backward_refuses_an_input_modified_since_the_forward():
     assert layer.backward(np.ones_like(x)).shape == x.shape
 
 
+def test_input_sample_reads_every_layout_in_c_order():
+    """The values backward compares (_sample) are every (size // 64)-th of x in C order,
+    whatever x's strides: the compiled reader against NumPy's slicing."""
+    from batchnorm import _layer
+
+    rng = np.random.default_rng(43)
+    base = rng.standard_normal((30, 40, 6)).astype(np.float32)
+    views = [base, base[:, ::3], base[::-1], base.transpose(2, 0, 1), np.asfortranarray(base),
+             base[:1, :2], base[:0], base[5, :, 1], np.broadcast_to(base[:1], (7, 40, 6)),
+             base.astype(np.float64)[:, 1:7:2], base.astype(np.float16).T, base[3:4, 7:8, 2:3]]
+    for a in views:
+        step = max(1, a.size // _layer._SAMPLE_SIZE)
+        want = np.ascontiguousarray(a).reshape(-1)[::step].tobytes()
+        assert _layer._sample(a) == want, (a.shape, a.strides)
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    a = base.astype(ml_dtypes.bfloat16)[:, ::2]        # a dtype with no buffer format
+    assert _layer._sample(a) == np.ascontiguousarray(a).reshape(-1)[::a.size // 64].tobytes()
+
+
+def test_backward_sees_a_strided_input_modified():
+    rng = np.random.default_rng(44)
+    buf = make_x(rng, (40, 8, 5), 1, np.float32)
+    x = buf[:, ::2]                     # no contiguous view: sampled through its strides
+    layer = bn.BatchNorm(4)
+    layer(x)
+    x[...] = make_x(rng, x.shape, 1, np.float32)
+    with pytest.raises(RuntimeError, match="modified after the forward call"):
+        layer.backward(np.ones_like(x))
+
+
 def test_backward_errors_change_nothing():
     rng = np.random.default_rng(40)
     layer = bn.BatchNorm(3, dtype=np.float64)

@@ -26,12 +26,7 @@ _SAMPLE_SIZE = 64
 
 def _sample(x: np.ndarray) -> bytes:
     """The bytes of up to about _SAMPLE_SIZE values of x, evenly spread over it."""
-    if x.size <= _SAMPLE_SIZE:
-        return x.tobytes()
-    step = x.size // _SAMPLE_SIZE
-    if x.flags.c_contiguous:
-        return x.reshape(-1)[::step].tobytes()
-    return x.flat[::step].tobytes()
+    return _kernels.sample(x, _SAMPLE_SIZE)
 
 
 def _check_input(x: Optional[np.ndarray], sample: Optional[bytes]) -> np.ndarray:
@@ -519,9 +514,11 @@ class BatchNorm:
     def _running_state(self) -> Optional[dict]:
         if not self.track_running_stats:
             return None
-        return {k: getattr(self, k) for k in ("running_mean", "running_var",
-                                              "num_batches_tracked")
-                + (_RENORM_KEYS if self.renorm else ())}
+        state = {"running_mean": self._running_mean, "running_var": self._running_var,
+                 "num_batches_tracked": self.num_batches_tracked}
+        if self.renorm:
+            state.update((key, getattr(self, "_" + key)) for key in _RENORM_KEYS)
+        return state
 
     def _running_update(self, state: Optional[dict], st: Stats,
                         renorm: bool = False) -> Optional[dict]:
