@@ -13,10 +13,10 @@ static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t CS, double
     /* in local arrays first: loops that write only them vectorise (written straight to the
      * outputs, which might alias the inputs as far as the compiler knows, they did not, and
      * on a (64, 128) backward this loop took 17% of the call) */
-    double inv[BN_MERGE_BLOCK], a[BN_MERGE_BLOCK], g[BN_MERGE_BLOCK];
-    double b[BN_MERGE_BLOCK], ct[BN_MERGE_BLOCK];
-    BN_CT m[BN_MERGE_BLOCK];
-    int lossy[BN_MERGE_BLOCK];
+    double inv[BN_MERGE_BLOCK_MAX], a[BN_MERGE_BLOCK_MAX], g[BN_MERGE_BLOCK_MAX];
+    double b[BN_MERGE_BLOCK_MAX], ct[BN_MERGE_BLOCK_MAX];
+    BN_CT m[BN_MERGE_BLOCK_MAX];
+    int lossy[BN_MERGE_BLOCK_MAX];
     ptrdiff_t j;
     int wide = 0;
     const double *v = var + c0, *mu = mean + c0;
@@ -81,7 +81,7 @@ static void FN(backward_chunks)(int team, bn_shape s, const BN_T *dy, bn_strides
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
         bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);
-        ptrdiff_t blocks = bn_merge_blocks(&t);
+        ptrdiff_t width = BN_MERGE_WIDTH(team), blocks = bn_ceil_div(t.c_count, width);
         ex.c_begin = c0;
         if (gate)
             BN_FOR_DYNAMIC(team, u, tp.units,
@@ -92,9 +92,10 @@ static void FN(backward_chunks)(int team, bn_shape s, const BN_T *dy, bn_strides
                            FN(bwd_sums_unit)(&t, s, g, gs, x, xs, mean, u, psdy, psdyx));
         /* sums and coefficients, block by block of channels on all threads */
         BN_FOR_STATIC(team, bl, blocks, {
-            ptrdiff_t lo = bl * BN_MERGE_BLOCK, nc = bn_min(BN_MERGE_BLOCK, t.c_count - lo);
+            ptrdiff_t lo = bl * width, nc = bn_min(width, t.c_count - lo);
             int w;
-            if (need_sums) bn_merge_sums(&t, psdy, sdy, bl), bn_merge_sums(&t, psdyx, sdyx, bl);
+            if (need_sums)
+                bn_merge_sums(&t, psdy, sdy, lo, nc), bn_merge_sums(&t, psdyx, sdyx, lo, nc);
             if (total) {
                 memcpy(sdy + lo, total->sum_dy + c0 + lo, sizeof(double) * (size_t)nc);
                 memcpy(sdyx + lo, total->sum_dy_xhat + c0 + lo, sizeof(double) * (size_t)nc);

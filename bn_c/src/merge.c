@@ -4,19 +4,17 @@
 
 #include <math.h>
 
-ptrdiff_t bn_merge_blocks(const bn_tiling *t) { return bn_ceil_div(t->c_count, BN_MERGE_BLOCK); }
-
 /* A block's channels are merged side by side: the part counts, and so the merge weights, are
  * the same for every channel, and independent channels keep the FPU busy where one channel's
  * chain of dependent steps would wait on each. Each channel's arithmetic, and so its bits, is
  * that of merging it alone, parts in order. */
 void bn_merge_moments(const bn_tiling *t, bn_shape s, const double *pmean, const double *pm2,
-                      const double *pcount, double *mean, double *var, ptrdiff_t b)
+                      const double *pcount, double *mean, double *var, ptrdiff_t c0,
+                      ptrdiff_t nc)
 {
-    ptrdiff_t j, k, P = t->parts, S = BN_PART_STRIDE(t->c_count), c0 = b * BN_MERGE_BLOCK;
-    ptrdiff_t nc = bn_min(BN_MERGE_BLOCK, t->c_count - c0);
+    ptrdiff_t j, k, P = t->parts, S = BN_PART_STRIDE(t->c_count);
     const double *pm = pmean + c0, *p2 = pm2 + c0;
-    double n = 0.0, m[BN_MERGE_BLOCK], m2[BN_MERGE_BLOCK];
+    double n = 0.0, m[BN_MERGE_BLOCK_MAX], m2[BN_MERGE_BLOCK_MAX];
     for (k = 0; k < P; ++k) {
         double nb = pcount ? pcount[k] : bn_part_count(t, s, k);
         if (nb == 0.0) continue;
@@ -41,11 +39,11 @@ void bn_merge_moments(const bn_tiling *t, bn_shape s, const double *pmean, const
     }
 }
 
-void bn_merge_sums(const bn_tiling *t, const double *part, double *total, ptrdiff_t b)
+void bn_merge_sums(const bn_tiling *t, const double *part, double *total, ptrdiff_t c0,
+                   ptrdiff_t nc)
 {
-    ptrdiff_t j, k, P = t->parts, S = BN_PART_STRIDE(t->c_count), c0 = b * BN_MERGE_BLOCK;
-    ptrdiff_t nc = bn_min(BN_MERGE_BLOCK, t->c_count - c0);
-    double acc[BN_MERGE_BLOCK];
+    ptrdiff_t j, k, P = t->parts, S = BN_PART_STRIDE(t->c_count);
+    double acc[BN_MERGE_BLOCK_MAX];
     for (j = 0; j < nc; ++j) acc[j] = 0.0;
     for (k = 0; k < P; ++k)
         for (j = 0; j < nc; ++j) acc[j] += part[k * S + c0 + j];

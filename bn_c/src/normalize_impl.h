@@ -53,7 +53,7 @@ static void FN(train_chunks)(int team, bn_shape s, const BN_T *x, bn_strides xs,
     for (c0 = 0; c0 < C; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, c0 + cc <= C ? cc : C - c0);
         bn_tiling tp = bn_make_pass_tiling(s, c0, t.c_count);
-        ptrdiff_t blocks = bn_merge_blocks(&t);
+        ptrdiff_t width = BN_MERGE_WIDTH(team), blocks = bn_ceil_div(t.c_count, width);
         BN_FOR_DYNAMIC(team, u, t.units, {
             if (pcount)
                 FN(masked_stats_unit)(&t, s, x, xs, mk, u, scratch, scratch + size, pcount);
@@ -62,10 +62,10 @@ static void FN(train_chunks)(int team, bn_shape s, const BN_T *x, bn_strides xs,
         });
         /* merge and coefficients, block by block of channels on all threads */
         BN_FOR_STATIC(team, b, blocks, {
-            ptrdiff_t lo = b * BN_MERGE_BLOCK, nc = bn_min(BN_MERGE_BLOCK, t.c_count - lo);
+            ptrdiff_t lo = b * width, nc = bn_min(width, t.c_count - lo);
             int w;
-            bn_merge_moments(&t, s, scratch, scratch + size, pcount, mean + c0, var + c0, b);
-            FN(add_references)(&t, x, xs, mk, mean + c0, b);
+            bn_merge_moments(&t, s, scratch, scratch + size, pcount, mean + c0, var + c0, lo, nc);
+            FN(add_references)(&t, x, xs, mk, mean + c0, lo, nc);
             w = FN(affine_coefficients)(c0 + lo, nc, mean, var, gamma, beta, eps, n, coef,
                                         coef + CS, coef + 2 * CS);
             if (t.c_count == C) FN(wrap_channels)(coef, 3, C, lo, nc);

@@ -16,7 +16,7 @@ static void FN(stats_chunks)(int team, bn_shape s, const BN_T *x, bn_strides xs,
     ptrdiff_t c0, u, b;
     for (c0 = 0; c0 < s.channels; c0 += cc) {
         bn_tiling t = bn_make_tiling(s, c0, bn_min(cc, s.channels - c0));
-        ptrdiff_t blocks = bn_merge_blocks(&t);
+        ptrdiff_t width = BN_MERGE_WIDTH(team), blocks = bn_ceil_div(t.c_count, width);
         BN_FOR_DYNAMIC(team, u, t.units, {
             if (pcount)
                 FN(masked_stats_unit)(&t, s, x, xs, mk, u, scratch, scratch + size, pcount);
@@ -24,8 +24,9 @@ static void FN(stats_chunks)(int team, bn_shape s, const BN_T *x, bn_strides xs,
                 FN(stats_unit)(&t, s, x, xs, u, scratch, scratch + size);
         });
         BN_FOR_STATIC(team, b, blocks, {
-            bn_merge_moments(&t, s, scratch, scratch + size, pcount, mean + c0, var + c0, b);
-            FN(add_references)(&t, x, xs, mk, mean + c0, b);
+            ptrdiff_t lo = b * width, nc = bn_min(width, t.c_count - lo);
+            bn_merge_moments(&t, s, scratch, scratch + size, pcount, mean + c0, var + c0, lo, nc);
+            FN(add_references)(&t, x, xs, mk, mean + c0, lo, nc);
         });
     }
 }

@@ -22,13 +22,14 @@ static inline double FN(reference)(const BN_T *x, bn_strides xs, ptrdiff_t c, co
     return isfinite(v) ? v : 0.0;
 }
 
-/* The merged means of block b of tiling t (indexed from t->c_begin) are relative to the
- * channels' references: make them absolute. */
+/* The merged means of channels [lo, lo + nc) of tiling t (indexed from t->c_begin) are
+ * relative to the channels' references: make them absolute. */
 static inline void FN(add_references)(const bn_tiling *t, const BN_T *x, bn_strides xs,
-                                      const bn_mask *mk, double *mean, ptrdiff_t b)
+                                      const bn_mask *mk, double *mean, ptrdiff_t lo,
+                                      ptrdiff_t nc)
 {
-    ptrdiff_t j, lo = b * BN_MERGE_BLOCK, hi = bn_min(lo + BN_MERGE_BLOCK, t->c_count);
-    for (j = lo; j < hi; ++j) mean[j] += FN(reference)(x, xs, t->c_begin + j, mk);
+    ptrdiff_t j;
+    for (j = lo; j < lo + nc; ++j) mean[j] += FN(reference)(x, xs, t->c_begin + j, mk);
 }
 
 /* Masked statistics of channel c over a planar unit: sums of d = x - k over the unmasked
