@@ -586,3 +586,56 @@ def test_regression_check_confirms_on_the_best_of_two_figures(monkeypatch, capsy
     passes[1], passes[2] = [("+", 3.35, 4.39, noise)], [("", 3.36, 3.40, noise)]
     calls.clear()
     assert regressions.main(["main", "HEAD"]) == 0 and len(calls) == 2
+
+
+def test_layer_ops_are_timed_against_their_floors(tmp_path, capsys):
+    """--ops layer: the layer's training call, inference call and training step, with the
+    copy floor for the calls and the add floor for the step (which yields a gradient)."""
+    path = tmp_path / "layer.json"
+    argv = ["bench", "--shapes", "8x4,4x3x5x5", "--layout", "nhwc", "--ops", "layer,eval",
+            "--repeat", "1", "--no-progress", "--no-onnxruntime", "--json", str(path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "layer-step: training call then backward" in out
+    data = json.loads(path.read_text())
+    assert data["meta"]["ops"] == ["layer-train", "layer-eval", "layer-step", "eval"]
+    assert len(data["rows"]) == 8
+    floors = {tuple(d["shape"]): d["floors"] for d in data["detail"]}
+    for r in data["rows"]:
+        assert r["batchnorm"]["ms"] > 0 and r["batchnorm out="]["ms"] > 0
+        assert (r.get("torch", {}).get("ms") is not None) == _has_torch()
+        shape = tuple(int(n) for n in r["shape"].split("x"))
+        kind = "add" if r["op"] == "layer-step" else "copy"
+        assert r["floor_ms"] == min(t["median_ms"] for t in floors[shape][kind].values())
+
+
+@pytest.mark.parametrize("shape, layout", [((6, 5), "2d"), ((4, 3, 5, 5), "nchw"),
+                                           ((4, 3, 5, 5), "nhwc")])
+@pytest.mark.parametrize("op", _bench.LAYER_OPS)
+def test_layer_candidates_compute_what_the_module_computes(shape, layout, op):
+    """The layer and PyTorch's module are given the same parameters and statistics, so
+    their outputs (a step's: dx) agree: the benchmark compares like with like."""
+    torch = pytest.importorskip("torch")
+    case = _bench.Case(shape, layout)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(case.shape).astype(np.float32) * 2 + 3
+    dy = rng.standard_normal(case.shape).astype(np.float32)
+    ax, c = case.axis, case.channels
+    g, b = rng.uniform(0.5, 1.5, c).astype(np.float32), rng.uniform(-1, 1, c).astype(np.float32)
+    mean, var = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+
+    def tview(a):
+        t = torch.from_numpy(a)
+        return torch.movedim(t, -1, 1) if layout == "nhwc" else t
+
+    y, dx = np.zeros_like(x), np.zeros_like(x)
+    cands = _bench._layer_candidates(op, x, dy, y, dx, ax, g, b, mean, var, torch, tview(x),
+                                     tview(dy))
+    assert set(cands) == {"batchnorm out=", "batchnorm", "torch"}
+    ours = cands["batchnorm"]()
+    theirs = cands["torch"]().detach()
+    if layout == "nhwc":
+        theirs = torch.movedim(theirs, 1, -1)
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-4, atol=1e-5)
+    cands["batchnorm out="]()
+    np.testing.assert_allclose(dx if op == "layer-step" else y, ours, rtol=1e-6, atol=1e-6)

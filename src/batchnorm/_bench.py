@@ -37,6 +37,13 @@ ONNX. Backward gets the statistics as ``forward_train`` returns them (``Stats``,
   have no onnxruntime candidate; nchw and 2-D cases do. Present when ``onnxruntime`` and
   ``onnx`` import (``--no-onnxruntime`` leaves it out).
 
+The layer ops (``--ops layer``, or layer-train, layer-eval, layer-step by name) time the
+``BatchNorm`` layer as training code calls it, against ``torch.nn.BatchNorm1d/2d/3d`` given
+the same parameters and running statistics: a training call, an inference call, and a
+training step (the training call, then ``layer.backward(dy)``; for PyTorch, autograd's
+backward of the module's output with x requiring a fresh gradient). The calls are quoted
+against the copy floor, the step against the add floor.
+
 PyTorch, onnxruntime and onnx are imported only when the command runs.
 """
 
@@ -58,6 +65,17 @@ import numpy as np
 from . import _api
 
 OPS = ("train", "eval", "backward", "stats")
+# The layer against the framework's module: a training call, an inference call, and a
+# training step (training call, then backward). Asked for by name, or all three as "layer".
+LAYER_OPS = ("layer-train", "layer-eval", "layer-step")
+ALL_OPS = OPS + LAYER_OPS
+
+
+def floor_kind(op: str) -> str:
+    """The floor an op is quoted against: "add" (x + dy -> dx) for ops that produce a
+    gradient, else "copy"."""
+    return "add" if op in ("backward", "layer-step") else "copy"
+
 IMPLS = ("batchnorm out=", "batchnorm", "numpy", "torch", "onnxruntime")
 LAYOUTS = ("nchw", "nhwc")
 EPS = 1e-5
@@ -422,7 +440,7 @@ class CaseResult:
     ops: Dict[str, Dict[str, Timing]]  # op -> impl -> timing
 
     def floor(self, op: str) -> Tuple[float, str]:
-        kind = "add" if op == "backward" else "copy"
+        kind = floor_kind(op)
         times = {k: t.median for k, t in self.floors.get(kind, {}).items() if t.samples}
         if not times:
             return math.nan, "-"
@@ -466,8 +484,8 @@ def run_case(
     notes: Dict[str, str] = {}
 
     cands: Dict[Tuple[str, str], Callable[[], Any]] = {}
-    need_copy = any(op != "backward" for op in ops)
-    need_add = "backward" in ops
+    need_copy = any(floor_kind(op) == "copy" for op in ops)
+    need_add = any(floor_kind(op) == "add" for op in ops)
     split = _Threaded(threads) if threads > 1 else None
     tname = f"numpy {threads} threads"
     if need_copy:
@@ -538,8 +556,12 @@ def run_case(
             cands[(op, "numpy")] = lambda: numpy_batch_stats(x, axis=ax)
             if torch is not None:
                 cands[(op, "torch")] = lambda: torch.var_mean(tx, dim=tdims, correction=0)
+        elif op in LAYER_OPS:
+            for impl, fn in _layer_candidates(op, x, dy, y, dx, ax, g_dt, b_dt, mean_dt, var_dt,
+                                              torch, tx, tdy).items():
+                cands[(op, impl)] = fn
         else:
-            raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+            raise ValueError(f"unknown op {op!r}; choose from {', '.join(ALL_OPS)}")
 
     try:
         timings = measure(cands, repeat, tick=tick)
@@ -556,6 +578,64 @@ def run_case(
         else:
             per_op[group][name] = t
     return CaseResult(case, str(np.dtype(dtype)), floors, per_op), notes
+
+
+def _layer_candidates(op: str, x, dy, y, dx, ax: int, g_dt, b_dt, mean_dt, var_dt, torch: Any,
+                      tx, tdy) -> Dict[str, Callable[[], Any]]:
+    """The layer ops' candidates: ``batchnorm.BatchNorm`` (into ``out=`` and allocating)
+    and PyTorch's ``BatchNorm1d/2d/3d`` module with the same parameters (and, for
+    layer-eval, running statistics), in the input's dtype. layer-step is a training call
+    then the gradient: ``layer.backward(dy)``, and for PyTorch autograd's backward of the
+    module's output with ``x`` requiring its gradient (a fresh one each step, as after
+    ``zero_grad``)."""
+    from ._layer import BatchNorm
+
+    layer = BatchNorm(x.shape[ax], axis=ax, dtype=x.dtype)
+    layer.gamma, layer.beta = g_dt, b_dt
+    if op == "layer-eval":
+        layer.running_mean, layer.running_var = mean_dt, var_dt
+        layer.eval()
+    cands: Dict[str, Callable[[], Any]] = {}
+    if op == "layer-step":
+        def step_out() -> Any:
+            layer(x, out=y)
+            return layer.backward(dy, out=dx)
+
+        def step() -> Any:
+            layer(x)
+            return layer.backward(dy)
+
+        cands["batchnorm out="], cands["batchnorm"] = step_out, step
+    else:
+        cands["batchnorm out="] = lambda: layer(x, out=y)
+        cands["batchnorm"] = lambda: layer(x)
+    if torch is None:
+        return cands
+    kind = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+            5: torch.nn.BatchNorm3d}.get(x.ndim)
+    if kind is None:
+        return cands
+    module = kind(x.shape[ax], eps=EPS, momentum=0.1).to(dtype=tx.dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(g_dt))
+        module.bias.copy_(torch.from_numpy(b_dt))
+        module.running_mean.copy_(torch.from_numpy(mean_dt))
+        module.running_var.copy_(torch.from_numpy(var_dt))
+    if op == "layer-eval":
+        module.eval()
+    if op == "layer-step":
+        txg = tx.detach().requires_grad_(True)
+
+        def torch_step() -> Any:
+            txg.grad = None
+            with torch.enable_grad():
+                module(txg).backward(tdy)
+            return txg.grad
+
+        cands["torch"] = torch_step
+    else:
+        cands["torch"] = lambda: module(tx)
+    return cands
 
 
 # --- output -------------------------------------------------------------------------------
@@ -601,8 +681,9 @@ def table_rows(results: Sequence[CaseResult], impls: Sequence[str]) -> List[Dict
 def format_table(rows: Sequence[Dict[str, Any]], impls: Sequence[str]) -> str:
     """The table the command prints: ms and x floor per implementation."""
     w_shape = max([len("shape")] + [len(r["shape"]) for r in rows])
-    head1 = f"{'':{w_shape}} {'':6} {'':8} {'floor':>19}"
-    head2 = f"{'shape':{w_shape}} {'layout':6} {'op':8} {'ms':>8} {'by':>10}"
+    w_op = max([8] + [len(r["op"]) for r in rows])
+    head1 = f"{'':{w_shape}} {'':6} {'':{w_op}} {'floor':>19}"
+    head2 = f"{'shape':{w_shape}} {'layout':6} {'op':{w_op}} {'ms':>8} {'by':>10}"
     for impl in impls:
         head1 += f"  {_IMPL_HEAD[impl]:>17}"
         head2 += f"  {'ms':>8} {'x floor':>8}"
@@ -614,7 +695,7 @@ def format_table(rows: Sequence[Dict[str, Any]], impls: Sequence[str]) -> str:
     for r in rows:
         by = short.get(r["floor_by"], r["floor_by"].replace("numpy ", "np-").replace(
             " threads", "t"))
-        line = (f"{r['shape']:{w_shape}} {r['layout']:6} {r['op']:8} "
+        line = (f"{r['shape']:{w_shape}} {r['layout']:6} {r['op']:{w_op}} "
                 f"{_fmt_ms(r['floor_ms'] / 1e3):>8} {by:>10}")
         for impl in impls:
             cell = r[impl]
@@ -657,7 +738,7 @@ def plot(rows: Sequence[Dict[str, Any]], impls: Sequence[str], path: str, title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    ops = [op for op in ALL_OPS if any(r["op"] == op for r in rows)]
     cases = []
     for r in rows:
         key = f"{r['shape']}\n{r['layout']}"
@@ -674,7 +755,7 @@ def plot(rows: Sequence[Dict[str, Any]], impls: Sequence[str], path: str, title:
             ax.bar(xs, vals, width, label=_IMPL_HEAD[impl])
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
-        floor = "x + dy -> dx" if op == "backward" else "copy"
+        floor = "x + dy -> dx" if floor_kind(op) == "add" else "copy"
         ax.set_ylabel(f"{op}\ntime / {floor} floor")
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(cases, fontsize=8)
@@ -747,7 +828,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="dtype of the inputs (default float32)")
     p.add_argument("--ops", default=",".join(OPS),
-                   help=f"comma-separated, from {','.join(OPS)} (default: all)")
+                   help=f"comma-separated, from {','.join(ALL_OPS)}, or 'layer' for the last "
+                        f"three: the BatchNorm layer against PyTorch's module (a training "
+                        f"call, an inference call, a training call then backward); default: "
+                        f"{','.join(OPS)}")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for batchnorm, PyTorch, ONNX Runtime and the threaded copy "
                         "floor (default: batchnorm's default, all cores)")
@@ -793,10 +877,15 @@ def run(args: argparse.Namespace) -> int:
         cases = select_cases(args.shapes, args.layout, batch)
     except ValueError as e:
         raise SystemExit(f"bench: {e}") from None
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    bad = [o for o in ops if o not in OPS]
+    ops = []
+    for o in (o.strip() for o in args.ops.split(",")):
+        for op in LAYER_OPS if o == "layer" else (o,) if o else ():
+            if op not in ops:
+                ops.append(op)
+    bad = [o for o in ops if o not in ALL_OPS]
     if bad or not ops:
-        raise SystemExit(f"bench: unknown op(s) {bad}; choose from {', '.join(OPS)}")
+        raise SystemExit(f"bench: unknown op(s) {bad}; choose from {', '.join(ALL_OPS)} "
+                         "or layer")
     if args.repeat < 1:
         raise SystemExit("bench: --repeat must be >= 1")
     if args.threads is not None and args.threads < 1:
@@ -873,7 +962,9 @@ def run(args: argparse.Namespace) -> int:
     floor_names += [f"np-{threads}t (numpy, {threads} threads)"] if threads > 1 else []
     floor_names += ["torch (copy_, add)"] if torch is not None else []
     print(f"floor: fastest of {', '.join(floor_names)}; copy x -> y for train, eval and "
-          "stats, x + dy -> dx for backward")
+          "stats, x + dy -> dx for backward" +
+          ("; the layer's calls against the same (layer-step: training call then backward)"
+           if any(op in LAYER_OPS for op in ops) else ""))
     print(f"ms: median of {args.repeat} interleaved rounds; x floor = ms / floor ms; "
           "torch / batchnorm = torch ms / batchnorm (alloc) ms")
     if "torch backward" in notes:
