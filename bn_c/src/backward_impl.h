@@ -15,7 +15,8 @@ static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t CS, double
      * on a (64, 128) backward this loop took 17% of the call) */
     double inv[BN_MERGE_BLOCK_MAX], a[BN_MERGE_BLOCK_MAX], g[BN_MERGE_BLOCK_MAX];
     double b[BN_MERGE_BLOCK_MAX], ct[BN_MERGE_BLOCK_MAX];
-    BN_CT m[BN_MERGE_BLOCK_MAX];
+    BN_CT m[BN_MERGE_BLOCK_MAX], ka[BN_MERGE_BLOCK_MAX], kb[BN_MERGE_BLOCK_MAX];
+    BN_CT kc[BN_MERGE_BLOCK_MAX];
     int lossy[BN_MERGE_BLOCK_MAX];
     ptrdiff_t j;
     int wide = 0;
@@ -38,21 +39,23 @@ static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t CS, double
             lossy[j] |= FN(lossy)(b[j]) | FN(lossy)(ct[j]) |
                         FN(lossy_spread)(n, v[j], (double)m[j]);
         }
-    for (j = 0; j < cc; ++j) {
-        sdyx[j] = g[j]; /* the exact path reads the sums of dy*xhat */
-        coef[c0 + j] = m[j];
-        coef[CS + c0 + j] = lossy[j] ? (BN_CT)NAN : (BN_CT)a[j]; /* NaN: what FN(wide) counts */
+    /* the coefficients in the compute type, counted and then copied out, in loops over
+     * local arrays only (stores to the outputs, which the compiler cannot tell apart from
+     * the inputs, kept the loops that wrote them scalar) */
+    for (j = 0; j < cc; ++j) ka[j] = (BN_CT)a[j];
+    for (j = 0; j < cc; ++j) ka[j] = lossy[j] ? (BN_CT)NAN : ka[j]; /* NaN: what wide counts */
+    for (j = 0; j < cc; ++j) wide += FN(nonfinite)(m[j]) | FN(nonfinite)(ka[j]);
+    if (training) {
+        for (j = 0; j < cc; ++j) kb[j] = (BN_CT)b[j], kc[j] = (BN_CT)ct[j];
+        for (j = 0; j < cc; ++j) wide += FN(nonfinite)(kb[j]) | FN(nonfinite)(kc[j]);
+        memcpy(coef + 2 * CS + c0, kb, sizeof(BN_CT) * (size_t)cc);
+        memcpy(coef + 3 * CS + c0, kc, sizeof(BN_CT) * (size_t)cc);
     }
-    if (training)
-        for (j = 0; j < cc; ++j) {
-            coef[2 * CS + c0 + j] = (BN_CT)b[j];
-            coef[3 * CS + c0 + j] = (BN_CT)ct[j];
-        }
-    for (j = 0; dbeta && j < cc; ++j) dbeta[c0 + j] = sdy[j];
-    for (j = 0; dgamma && j < cc; ++j) dgamma[c0 + j] = g[j];
-    for (j = 0; j < cc; ++j)
-        wide += FN(wide)(coef, coef + CS, training ? coef + 2 * CS : NULL,
-                         training ? coef + 3 * CS : NULL, c0 + j);
+    memcpy(coef + c0, m, sizeof(BN_CT) * (size_t)cc);
+    memcpy(coef + CS + c0, ka, sizeof(BN_CT) * (size_t)cc);
+    memcpy(sdyx, g, sizeof(double) * (size_t)cc); /* the exact path reads the sums of dy*xhat */
+    if (dbeta) memcpy(dbeta + c0, sdy, sizeof(double) * (size_t)cc);
+    if (dgamma) memcpy(dgamma + c0, g, sizeof(double) * (size_t)cc);
     return wide;
 }
 

@@ -182,6 +182,9 @@ static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
 
 /* A channel whose coefficients do not fit the compute type takes the exact path (the
  * coefficient passes count them, and units look only when there are some). */
+/* Whether v is NaN or infinite: one comparison (NaN compares false), which vectorises. */
+static inline int FN(nonfinite)(BN_CT v) { return !(fabs(v) <= BN_CT_MAX); }
+
 static inline int FN(wide)(const BN_CT *m, const BN_CT *a, const BN_CT *b, const BN_CT *c,
                            ptrdiff_t k)
 {
