@@ -571,6 +571,23 @@ def test_non_finite_input_leaves_running_statistics_alone(bad, momentum):
         np.testing.assert_allclose(layer.running_mean, np.mean(means, axis=0), rtol=1e-13)
 
 
+@pytest.mark.parametrize("virtual", [None, 4])
+def test_running_update_beyond_float32_leaves_running_statistics_alone(virtual):
+    """Finite batch statistics whose running update overflows the layer's float32 (a
+    variance of 1e40): a warning pointing at the caller, nothing stored, y still given."""
+    layer = bn.BatchNorm(2, virtual_batch_size=virtual)
+    layer(np.arange(16, dtype=np.float32).reshape(8, 2))
+    before = layer.state_dict()
+    x = np.tile(np.array([[1e20, 1.0], [-1e20, 2.0]], np.float32), (4, 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = layer(x)
+    assert [str(w.message)[:30] for w in caught] == ["batch statistics are not finit"]
+    assert caught[0].filename == __file__
+    assert state_equal(layer.state_dict(), before)
+    assert np.isfinite(y).all()
+
+
 @pytest.mark.parametrize("name", ["running_mean", "running_var", "gamma", "beta"])
 def test_setters_check_values_like_load_state_dict(name):
     layer = bn.BatchNorm(4)

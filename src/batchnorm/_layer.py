@@ -390,9 +390,10 @@ class BatchNorm:
         elif self.training and (self.virtual_batch_size or self.renorm):
             y, steps = self._train_in_steps(x, out, mask, residual)
         else:   # the plain training step, or eval mode without running statistics
-            y, st, grad = self._normalize_batch(x, out, mask, residual)
-            if self.training and self.track_running_stats:
-                self._commit(self._running_update(self._running_state(), st), stacklevel=3)
+            track = self.training and self.track_running_stats
+            y, st, grad, running = self._normalize_batch(x, out, mask, residual, track)
+            if track:
+                self._store_running(running, stacklevel=3)
             steps = [(_ALL, st, self._gamma, grad, None)]
         # with an activation backward needs y too, checked as x is
         kept_y = (y, _sample(y)) if self.activation else None
@@ -405,13 +406,17 @@ class BatchNorm:
     # processes): normalizing with the statistics of the batch, and its gradient.
 
     def _normalize_batch(self, x: np.ndarray, out: Optional[np.ndarray], mask: Any = None,
-                         residual: Any = None) -> tuple:
-        """(y, the statistics used, the method that gives their gradient)."""
-        y, st = _kernels.forward_train(
+                         residual: Any = None, track: bool = False) -> tuple:
+        """(y, the statistics used, the method that gives their gradient, and with `track`
+        the running statistics after this batch: running_update's (mean, var), or None
+        when they are not finite). The kernels update them in the normalizing call: on
+        small inputs a separate update cost as much as the normalization."""
+        res = _kernels.forward_train(
             x, self._gamma, self._beta, self.axis, self.eps, out, self.check_finite,
             self.num_features, mask, self.activation, residual,
+            self._running_args() if track else None,
         )
-        return y, st, self._batch_gradient
+        return res[0], res[1], self._batch_gradient, res[2] if track else None
 
     def _batch_gradient(self, dy: Any, x: Optional[np.ndarray], sample: Optional[bytes],
                         st: Any, gamma: Any, out: Optional[np.ndarray], mask: Any = None,
@@ -477,7 +482,7 @@ class BatchNorm:
         """(y, statistics, the gamma the kernels used, gradient, (r, d) or None), with the
         running statistics ``state`` as the previous groups left them."""
         if not self.renorm:
-            y, st, grad = self._normalize_batch(x, out, mask, residual)
+            y, st, grad, _ = self._normalize_batch(x, out, mask, residual)
             return y, st, self._gamma, grad, None
         st = _kernels.batch_stats(x, self.axis, self.check_finite, self.num_features, mask)
         ax = _validation.channel_axis(self.axis, x.ndim)
@@ -529,7 +534,7 @@ class BatchNorm:
         if state is None:
             return None
         n = state["num_batches_tracked"] + 1
-        m = 1.0 / n if self.momentum is None else self.momentum
+        m = self._momentum(n)
         if not renorm:
             new = _kernels.running_update(state["running_mean"], state["running_var"], st.mean,
                                           st.var, _count(st), m, self.unbiased_running_var)
@@ -551,16 +556,40 @@ class BatchNorm:
                 "running_var": running_var.astype(self.dtype), "renorm_mean": tracked[0],
                 "renorm_std": tracked[1], "num_batches_tracked": n}
 
+    def _momentum(self, n_batches: int) -> float:
+        """The weight of batch number n_batches (from 1) in the running statistics."""
+        return 1.0 / n_batches if self.momentum is None else self.momentum
+
+    def _running_args(self) -> tuple:
+        """What the kernels' running update takes besides the batch: (running_mean,
+        running_var, momentum, unbiased)."""
+        return (self._running_mean, self._running_var,
+                self._momentum(self.num_batches_tracked + 1), self.unbiased_running_var)
+
+    def _store_running(self, running: Optional[tuple], stacklevel: int) -> None:
+        """Store the plain training call's new running (mean, var); None: the batch's
+        statistics were not finite, and they stay as they were (warned about)."""
+        if running is None:
+            self._warn_not_finite(stacklevel)
+            return
+        self._running_mean, self._running_var = running
+        self.num_batches_tracked += 1
+
+    def _warn_not_finite(self, stacklevel: int) -> None:
+        """The warning for running statistics left as they were; stacklevel as the caller
+        would give it to warnings.warn."""
+        warnings.warn(
+            f"batch statistics are not finite (NaN or inf in the input, or beyond the "
+            f"range of {self.dtype.name}): the running statistics were not updated"
+            f"{' from those groups' if self.virtual_batch_size else ''}",
+            RuntimeWarning, stacklevel=stacklevel + 1)
+
     def _commit(self, state: Optional[dict], stacklevel: int) -> None:
         """Store the running statistics of a call that succeeded."""
         if state is None:
             return
         if state.pop("not_finite", False):
-            warnings.warn(
-                f"batch statistics are not finite (NaN or inf in the input, or beyond the "
-                f"range of {self.dtype.name}): the running statistics were not updated"
-                f"{' from those groups' if self.virtual_batch_size else ''}",
-                RuntimeWarning, stacklevel=stacklevel)
+            self._warn_not_finite(stacklevel)
         for key, value in state.items():
             setattr(self, key if key == "num_batches_tracked" else "_" + key, value)
 

@@ -167,7 +167,7 @@ class SyncBatchNorm(BatchNorm):
     forward = __call__
 
     def _normalize_batch(self, x: np.ndarray, out: Optional[np.ndarray], mask: Any = None,
-                         residual: Any = None) -> tuple:
+                         residual: Any = None, track: bool = False) -> tuple:
         if not self.training:   # eval without running statistics: this rank's batch alone
             return super()._normalize_batch(x, out)
         C = self.num_features
@@ -190,7 +190,12 @@ class SyncBatchNorm(BatchNorm):
                 f"{self._size} ranks' batches hold {st.count} together")
         y = _kernels.forward_eval(x, st.mean, st.var, self._gamma, self._beta, self.axis,
                                   self.eps, out, False, C)
-        return y, st, self._sync_gradient
+        running = None
+        if track:
+            rm, rv, momentum, unbiased = self._running_args()
+            running = _kernels.running_update(rm, rv, st.mean, st.var, st.count, momentum,
+                                              unbiased)
+        return y, st, self._sync_gradient, running
 
     def _sync_gradient(self, dy: Any, x: Optional[np.ndarray], sample: Optional[bytes],
                        st: Stats, gamma: Any, out: Optional[np.ndarray], mask: Any = None,
