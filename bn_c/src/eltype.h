@@ -52,6 +52,7 @@
 #undef BN_VMASK
 #undef BN_VLD_N
 #undef BN_VST_N
+#undef BN_VBLEND_LAST
 #undef BN_LOAD8D
 
 #if BN_KIND == BN_KIND_F64

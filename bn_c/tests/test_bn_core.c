@@ -1,6 +1,7 @@
 /* C tests of the core, without Python: known answers on both layouts, every ISA path,
  * and bit-identical results for 1 and several threads. Run by `meson test`. */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -287,39 +288,56 @@ static void test_calls_from_callers_threads(void)
  * aligned head of channels-last rows (520 values), planar runs of 300 and short rows (20).
  * Whatever splits a run by address (that head, non-temporal stores) must compute every
  * element as the rest of the run does. */
+#define BN_TEST_ALIGN64(p) ((float *)(((uintptr_t)(p) + 63) & ~(uintptr_t)63))
 static void test_outputs_do_not_depend_on_alignment(void)
 {
-    enum { N = 6, C = 520, I = 300, PAD = 4096, MAXE = N * 2 * C };
-    static const ptrdiff_t shapes[3][3] = {{N, 3, I}, {N * 2, C, 1}, {N * 16, 20, 1}};
+    enum { N = 6, C = 520, I = 300, PAD = 4096, MAXE = N * 2 * C, OPS = 5 };
+    /* long and short runs in both layouts; runs of whole vectors in 64 and 16 (planar rows
+     * written aligned to the output) and rows of 32 channels, an odd number of them (rows
+     * taken in pairs) */
+    static const ptrdiff_t shapes[][3] = {{N, 3, I},  {N * 2, C, 1}, {N * 16, 20, 1},
+                                          {N, 5, 64}, {N, 7, 16},    {N * 2 + 1, 32, 1}};
     static const size_t offsets[] = {0, 4, 16, 36, 60, 2048, 4092};
     float *bx = malloc(sizeof(float) * (MAXE + 2 * PAD));
     float *bd = malloc(sizeof(float) * (MAXE + 2 * PAD));
-    float *by = malloc(sizeof(float) * (MAXE + 2 * PAD)), *ref = malloc(sizeof(float) * 3 * MAXE);
+    float *by = malloc(sizeof(float) * (MAXE + 2 * PAD)), *ref = malloc(sizeof(float) * OPS * MAXE);
+    float *ax = BN_TEST_ALIGN64(bx), *ad = BN_TEST_ALIGN64(bd), *ay = BN_TEST_ALIGN64(by);
     double g[C], b[C], mean[C], var[C], dg[C], db[C];
     int k, j, o, op;
     for (j = 0; j < C; ++j) g[j] = 0.5 + 0.01 * j, b[j] = 0.25 - 0.001 * j;
-    for (k = 0; k < 3; ++k) {
+    for (k = 0; k < (int)(sizeof shapes / sizeof shapes[0]); ++k) {
         bn_shape s = {shapes[k][0], shapes[k][1], shapes[k][2]};
         bn_strides st = {s.channels * s.inner, s.inner, 1};
         ptrdiff_t E = s.outer * s.channels * s.inner, e;
         for (o = 0; o < (int)(sizeof offsets / sizeof offsets[0]); ++o) {
-            /* x and dy move by the offset (in floats), the output by 13 floats more */
-            float *x = bx + offsets[o] / 4 + 16, *dy = bd + offsets[o] / 4 + 8;
-            float *y = by + (offsets[o] / 4 + 13) % 1024;
+            /* the reference (offset 0): every array on a 64-byte boundary, where the runs need
+             * no aligned head; then x and dy move by the offset (in floats), the output by 13
+             * floats more */
+            float *x = o == 0 ? ax : ax + offsets[o] / 4 + 16;
+            float *dy = o == 0 ? ad : ad + offsets[o] / 4 + 8;
+            float *y = o == 0 ? ay : ay + (offsets[o] / 4 + 13) % 1024;
             for (e = 0; e < E; ++e) {
                 x[e] = (float)((e * 7919) % 1000) * 0.01f - 3.0f;
                 dy[e] = (float)((e * 104729) % 997) * 0.002f - 1.0f;
             }
-            for (op = 0; op < 3; ++op) {
+            for (op = 0; op < OPS; ++op) {
                 float *r = ref + op * MAXE;
+                bn_options epi;
                 int rc;
+                memset(&epi, 0, sizeof epi); /* relu(bn(x) + dy): the epilogue's loads */
+                epi.residual = dy, epi.residual_strides = st, epi.activation = BN_ACT_RELU;
                 if (op == 0)
                     rc = bn_forward_train_f32(s, x, st, y, st, g, b, 1e-5, mean, var, NULL);
                 else if (op == 1)
                     rc = bn_forward_eval_f32(s, x, st, y, st, mean, var, g, b, 1e-5, NULL);
-                else
+                else if (op == 2)
                     rc = bn_backward_f32(s, dy, st, x, st, y, st, mean, var, g, 1e-5, 1, dg, db,
                                          NULL);
+                else if (op == 3) /* frozen statistics: dx = a * dy */
+                    rc = bn_backward_f32(s, dy, st, x, st, y, st, mean, var, g, 1e-5, 0, dg, db,
+                                         NULL);
+                else
+                    rc = bn_forward_eval_f32(s, x, st, y, st, mean, var, g, b, 1e-5, &epi);
                 CHECK(rc == BN_OK, "call %d failed", op);
                 if (o == 0)
                     memcpy(r, y, sizeof(float) * (size_t)E);

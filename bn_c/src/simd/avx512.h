@@ -103,6 +103,8 @@ static inline bn_d4 bn_d4_keep(bn_d4 e, const unsigned char *mb)
 #define BN_VMASK 1
 #define BN_VLD_N(p, r) _mm512_maskz_loadu_pd((__mmask8)((1u << (r)) - 1), p)
 #define BN_VST_N(p, v, r) _mm512_mask_storeu_pd(p, (__mmask8)((1u << (r)) - 1), v)
+/* a's lanes, but the last r (0 < r < BN_W) from b */
+#define BN_VBLEND_LAST(a, b, r) _mm512_mask_blend_pd((__mmask8)(0xffu << (8 - (r))), a, b)
 static inline BN_V BN_CAT2(vkeep, BN_TN)(BN_V v, const unsigned char *mb)
 {
     __m128i b = _mm_loadl_epi64((const __m128i *)mb);
@@ -133,6 +135,7 @@ static inline BN_V BN_CAT2(vkeep_n, BN_TN)(BN_V v, const unsigned char *mb, ptrd
 #define BN_VMASK 1
 #define BN_VLD_N(p, r) _mm512_maskz_loadu_ps((__mmask16)((1u << (r)) - 1), p)
 #define BN_VST_N(p, v, r) _mm512_mask_storeu_ps(p, (__mmask16)((1u << (r)) - 1), v)
+#define BN_VBLEND_LAST(a, b, r) _mm512_mask_blend_ps((__mmask16)(0xffffu << (16 - (r))), a, b)
 static inline BN_V BN_CAT2(vkeep, BN_TN)(BN_V v, const unsigned char *mb)
 {
     __m128i b = _mm_loadu_si128((const __m128i *)mb);
