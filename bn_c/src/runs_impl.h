@@ -29,7 +29,7 @@ BN_ALWAYS_INLINE void FN(run_dev)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, p
     ptrdiff_t r, i;
 #if BN_SIMD
     bn_d4 vm4 = bn_d4_set1(m);
-    bn_d16 vm = bn_d16_set1(m), vs = bn_d16_set1(0.0), vq = vs;
+    bn_d16 vm = bn_d16_set1(m), vs = bn_d16_set1(0.0), vq = vs, one = bn_d16_set1(1.0);
 #endif
     for (r = 0; r < rows; ++r) {
         const BN_T *p = x + r * rs;
@@ -40,7 +40,7 @@ BN_ALWAYS_INLINE void FN(run_dev)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows, p
             for (; i + 16 <= n; i += 16) {
                 bn_d16 e = bn_d16_sub(BN_LOAD16D(p + i), vm);
                 if (mk) e = bn_d16_keep(e, mr + i);
-                vs = bn_d16_add(vs, e), vq = bn_d16_fma(e, e, vq);
+                vs = bn_d16_sum(vs, e, one), vq = bn_d16_fma(e, e, vq);
             }
             for (; i + 4 <= n; i += 4) {
                 bn_d4 e0 = bn_d4_sub(BN_LOAD4D(p + i), vm4);
@@ -535,9 +535,10 @@ static inline void FN(cols_dev_rows)(const BN_T *x, ptrdiff_t rs, ptrdiff_t rows
         r1 = r0 + BN_ROW_BLOCK < rows ? r0 + BN_ROW_BLOCK : rows;
         for (j = 0; j + 16 <= cn; j += 16) {
             bn_d16 vm = bn_d16_loadu(m + j), vs = bn_d16_loadu(sd + j), vq = bn_d16_loadu(sdd + j);
+            const bn_d16 one = bn_d16_set1(1.0);
             for (r = r0; r < r1; ++r) {
                 bn_d16 e = bn_d16_sub(BN_LOAD16D(x + r * rs + j), vm);
-                vs = bn_d16_add(vs, e), vq = bn_d16_fma(e, e, vq);
+                vs = bn_d16_sum(vs, e, one), vq = bn_d16_fma(e, e, vq);
             }
             bn_d16_storeu(sd + j, vs), bn_d16_storeu(sdd + j, vq);
         }

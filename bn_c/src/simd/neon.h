@@ -80,6 +80,9 @@ static inline bn_d16 bn_d16_fma(bn_d16 a, bn_d16 b, bn_d16 c)
     for (i = 0; i < 8; ++i) c.q[i] = vfmaq_f64(c.q[i], a.q[i], b.q[i]);
     return c;
 }
+/* s + e for the statistics' sums (x86.h takes them as fma(e, 1, s) for its adders' sake;
+ * here, unmeasured, a plain add) */
+#define bn_d16_sum(s, e, one) ((void)(one), bn_d16_add((s), (e)))
 /* lanes 0-3 only: acc += e, acc += e * f */
 static inline bn_d16 bn_d16_add4(bn_d16 acc, bn_d4 e)
 {
