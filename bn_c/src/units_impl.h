@@ -180,11 +180,11 @@ static inline void FN(stats_unit)(const bn_tiling *t, bn_shape s, const BN_T *x,
     }
 }
 
-/* A channel whose coefficients do not fit the compute type takes the exact path (the
- * coefficient passes count them, and units look only when there are some). */
 /* Whether v is NaN or infinite: one comparison (NaN compares false), which vectorises. */
 static inline int FN(nonfinite)(BN_CT v) { return !(fabs(v) <= BN_CT_MAX); }
 
+/* A channel whose coefficients do not fit the compute type takes the exact path (the
+ * coefficient passes count them, and units look only when there are some). */
 static inline int FN(wide)(const BN_CT *m, const BN_CT *a, const BN_CT *b, const BN_CT *c,
                            ptrdiff_t k)
 {
@@ -342,7 +342,7 @@ BN_ALWAYS_INLINE void FN(affine_rows)(const bn_unit *w, ptrdiff_t c, ptrdiff_t n
                                       bn_strides zs, int relu)
 {
     ptrdiff_t o = w->o0, q, end = w->o0 + w->rows;
-#if BN_SIMD && BN_V512_PATHS
+#if BN_V512_PATHS
     if (!wide && !long_run && !e->stream && xs.channel == 1 && ys.channel == 1 &&
         (!z || zs.channel == 1))
         for (; o + 1 < end; o += 2) { /* see FN(ew_row_pair) */
@@ -386,7 +386,8 @@ BN_ALWAYS_INLINE void FN(affine_unit_epi)(const bn_tiling *t, bn_shape s, const 
     if (t->planar) {
 #if BN_V512_PATHS
         const int rows_whole = !*e->wide && !e->stream && FN(planar_rows_whole)(&w, xs) &&
-                               FN(planar_rows_whole)(&w, ys) && (!z || FN(planar_rows_whole)(&w, zs));
+                               FN(planar_rows_whole)(&w, ys) &&
+                               (!z || FN(planar_rows_whole)(&w, zs));
 #endif
         /* row by row, so that a row's channels are walked in memory order */
         for (o = w.o0; o < w.o0 + w.rows; ++o) {
@@ -538,7 +539,7 @@ BN_ALWAYS_INLINE void FN(dx_rows)(const bn_unit *w, ptrdiff_t k, ptrdiff_t n, in
                                   const bn_call *e, const bn_mask *mk)
 {
     ptrdiff_t o = w->o0, q, end = w->o0 + w->rows;
-#if BN_SIMD && BN_V512_PATHS
+#if BN_V512_PATHS
     if (!wide && !long_run && !mk && !e->stream && dys.channel == 1 && dxs.channel == 1 &&
         (!b || xs.channel == 1))
         for (; o + 1 < end; o += 2) { /* see FN(ew_row_pair) */
