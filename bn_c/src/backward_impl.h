@@ -42,12 +42,13 @@ static int FN(bwd_coefficients)(ptrdiff_t c0, ptrdiff_t cc, ptrdiff_t CS, double
     /* the coefficients in the compute type, counted and then copied out, in loops over
      * local arrays only (stores to the outputs, which the compiler cannot tell apart from
      * the inputs, kept the loops that wrote them scalar) */
-    for (j = 0; j < cc; ++j) ka[j] = (BN_CT)a[j];
-    for (j = 0; j < cc; ++j) ka[j] = lossy[j] ? (BN_CT)NAN : ka[j]; /* NaN: what wide counts */
-    for (j = 0; j < cc; ++j) wide += FN(nonfinite)(m[j]) | FN(nonfinite)(ka[j]);
-    if (training) {
+    for (j = 0; j < cc; ++j) /* NaN: what FN(wide) counts */
+        ka[j] = lossy[j] ? (BN_CT)NAN : (BN_CT)a[j];
+    if (training)
         for (j = 0; j < cc; ++j) kb[j] = (BN_CT)b[j], kc[j] = (BN_CT)ct[j];
-        for (j = 0; j < cc; ++j) wide += FN(nonfinite)(kb[j]) | FN(nonfinite)(kc[j]);
+    for (j = 0; j < cc; ++j)
+        wide += FN(wide)(m, ka, training ? kb : NULL, training ? kc : NULL, j);
+    if (training) {
         memcpy(coef + 2 * CS + c0, kb, sizeof(BN_CT) * (size_t)cc);
         memcpy(coef + 3 * CS + c0, kc, sizeof(BN_CT) * (size_t)cc);
     }

@@ -188,8 +188,9 @@ static inline int FN(nonfinite)(BN_CT v) { return !(fabs(v) <= BN_CT_MAX); }
 static inline int FN(wide)(const BN_CT *m, const BN_CT *a, const BN_CT *b, const BN_CT *c,
                            ptrdiff_t k)
 {
-    return !isfinite(m[k]) || !isfinite(a[k]) || (b && !isfinite(b[k])) ||
-           (c && !isfinite(c[k]));
+    /* bitwise operators: a count of wide channels stays a vector loop */
+    return FN(nonfinite)(m[k]) | FN(nonfinite)(a[k]) | (b ? FN(nonfinite)(b[k]) : 0) |
+           (c ? FN(nonfinite)(c[k]) : 0);
 }
 
 /* Whether a coefficient computed in double loses precision in the compute type: it
