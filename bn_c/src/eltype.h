@@ -125,3 +125,5 @@
 #define BN_VMASK 0
 #endif
 #define BN_MISALIGNED(p) ((uintptr_t)(p) & (BN_VBYTES - 1))
+/* elements from p, misaligned, to the next vector boundary */
+#define BN_TO_BOUNDARY(p) ((ptrdiff_t)((BN_VBYTES - BN_MISALIGNED(p)) / sizeof(BN_T)))

@@ -261,88 +261,7 @@ BN_ALWAYS_INLINE BN_V FN(ew_vec)(int op, int coef, const BN_T *x, const BN_T *dy
     return BN_VFMA(a, FN(vld_r)(dy + i, tail, r), t);
 }
 
-/* Paths for 512-bit vectors only (BN_V512_PATHS): FN(ew_row_pair) and FN(ew_planar_row).
- * Each 512-bit access costs a load slot of its own, two where it straddles a cache line;
- * with AVX2 the row pairs made (4096, 64) 7-15% slower (two 256-bit loads a cycle: the
- * loads were not the bound). */
-#define BN_V512_PATHS (BN_VBYTES == 64)
-#if BN_V512_PATHS
-
-/* Two rows of a run across n channels (unit strides, no mask, ordinary stores), their
- * whole vectors, each column's coefficient vectors loaded once for both rows: a row alone
- * loads up to four coefficient vectors for each of its vectors, and on cores that take one
- * 512-bit load a cycle those loads bound the loop. Returns the columns done; the rest of
- * each row is the caller's. The same arithmetic, lane by lane, as FN(elementwise). One
- * thread, (4096, 64) float32 inference 43 -> 39 us, backward 100 -> 93, (64, 128) 3-4%
- * faster. */
-BN_ALWAYS_INLINE ptrdiff_t FN(ew_row_pair)(int op, ptrdiff_t n, const BN_T *x0, const BN_T *x1,
-                                           const BN_T *dy0, const BN_T *dy1, const BN_T *z0,
-                                           const BN_T *z1, int relu, BN_T *out0, BN_T *out1,
-                                           const BN_CT *m, const BN_CT *a, const BN_CT *b,
-                                           const BN_CT *c)
-{
-    const BN_V zero = BN_VSET1(0);
-    ptrdiff_t j;
-    for (j = 0; j + BN_W <= n; j += BN_W) {
-        BN_V cm = BN_EW_USES(op, 0) ? BN_VLDC(m + j) : zero;
-        BN_V ca = BN_EW_USES(op, 1) ? BN_VLDC(a + j) : zero;
-        BN_V cb = BN_EW_USES(op, 2) ? BN_VLDC(b + j) : zero;
-        BN_V cc = BN_EW_USES(op, 3) ? BN_VLDC(c + j) : zero;
-        BN_V y0 = FN(ew_vec)(op, BN_COEFS_ONE, x0, dy0, z0, relu, NULL, m, a, b, c, cm, ca, cb,
-                             cc, j, 0, 0, 0);
-        BN_V y1 = FN(ew_vec)(op, BN_COEFS_ONE, x1, dy1, z1, relu, NULL, m, a, b, c, cm, ca, cb,
-                             cc, j, 0, 0, 0);
-        BN_VST(out0 + j, y0), BN_VST(out1 + j, y1);
-    }
-    return j;
-}
-
-/* A planar row: cn channels' runs of len elements each (len a multiple of BN_W), one after
- * the other in x, dy, z and out (unit strides), out not on a vector boundary. Written in
- * vectors aligned to out after a masked head, each channel's last vector taking its last
- * lanes' coefficients from the next channel (one blend per coefficient and channel): runs
- * of a few vectors (8x8 images) otherwise straddle a cache line with every access where
- * NumPy puts its arrays (16 bytes into a line). The same arithmetic, lane by lane, as
- * FN(elementwise) with BN_COEFS_ONE. One thread, (8, 32, 8, 8) float32 at NumPy's
- * offset: training forward 3.9 -> 3.5 us, inference 1.7 -> 1.3, backward 5.8 -> 4.9;
- * (64, 8, 4, 4) inference 1.7 -> 1.1, backward 4.7 -> 3.1. */
-BN_ALWAYS_INLINE void FN(ew_planar_row)(int op, ptrdiff_t cn, ptrdiff_t len, const BN_T *x,
-                                        const BN_T *dy, const BN_T *z, int relu, BN_T *out,
-                                        const BN_CT *m, const BN_CT *a, const BN_CT *b,
-                                        const BN_CT *c)
-{
-    const ptrdiff_t h = (ptrdiff_t)((BN_VBYTES - BN_MISALIGNED(out)) / sizeof(BN_T));
-    const BN_V zero = BN_VSET1(0);
-    ptrdiff_t i, k;
-#define BN_PR_COEF(q, p, k) (BN_EW_USES(op, q) ? BN_VSET1((p)[k]) : zero)
-    BN_V vm = BN_PR_COEF(0, m, 0), va = BN_PR_COEF(1, a, 0), vb = BN_PR_COEF(2, b, 0);
-    BN_V vc = BN_PR_COEF(3, c, 0);
-#define BN_PR_VEC(i, tail, r)                                                                     \
-    FN(ew_vec)(op, BN_COEFS_ONE, x, dy, z, relu, NULL, m, a, b, c, vm, va, vb, vc, i, 0, tail, r)
-    BN_VST_N(out, BN_PR_VEC(0, 1, h), h);
-    for (i = h, k = 0; k < cn; ++k) {
-        const ptrdiff_t end = (k + 1) * len;
-        for (; i + BN_W <= end; i += BN_W) BN_VST(out + i, BN_PR_VEC(i, 0, 0));
-        if (k + 1 == cn) { /* the row's last W - h elements */
-            BN_VST_N(out + i, BN_PR_VEC(i, 1, end - i), end - i);
-            break;
-        }
-        {
-            BN_V nm = BN_PR_COEF(0, m, k + 1), na = BN_PR_COEF(1, a, k + 1);
-            BN_V nb = BN_PR_COEF(2, b, k + 1), nc = BN_PR_COEF(3, c, k + 1);
-            BN_V bm = BN_VBLEND_LAST(vm, nm, h), ba = BN_VBLEND_LAST(va, na, h);
-            BN_V bb = BN_VBLEND_LAST(vb, nb, h), bc = BN_VBLEND_LAST(vc, nc, h);
-            BN_VST(out + i, FN(ew_vec)(op, BN_COEFS_ONE, x, dy, z, relu, NULL, m, a, b, c, bm,
-                                       ba, bb, bc, i, 0, 0, 0));
-            i += BN_W;
-            vm = nm, va = na, vb = nb, vc = nc;
-        }
-    }
-#undef BN_PR_VEC
-#undef BN_PR_COEF
-}
-#endif /* BN_V512_PATHS */
-#endif /* BN_SIMD */
+#endif
 
 /* Strided elements (no mask, no wrapped coefficients), as written, one at a time: the rare
  * path, kept out of line so that it adds nothing to the callers' loops. */
@@ -393,7 +312,7 @@ BN_ALWAYS_INLINE void FN(elementwise)(int op, int coef, ptrdiff_t n, ptrdiff_t C
         if (long_run && BN_MISALIGNED(out) % sizeof(BN_T) == 0) { /* see BN_ALIGNS_RUN */
 #if BN_VMASK
             if (BN_MISALIGNED(out)) {
-                ptrdiff_t h = (ptrdiff_t)((BN_VBYTES - BN_MISALIGNED(out)) / sizeof(BN_T));
+                ptrdiff_t h = BN_TO_BOUNDARY(out);
                 BN_VST_N(out, BN_EW_VEC(0, 1, h), h);
                 i = h, BN_EW_NEXT(k, h);
             }
@@ -448,6 +367,98 @@ BN_ALWAYS_INLINE void FN(elementwise)(int op, int coef, ptrdiff_t n, ptrdiff_t C
 #undef BN_EW_ONE
 #undef BN_EW_NEXT
 }
+
+#if BN_SIMD
+/* Paths for 512-bit vectors only (BN_V512_PATHS): FN(ew_row_pair) and FN(ew_planar_row).
+ * Each 512-bit access costs a load slot of its own, two where it straddles a cache line;
+ * with AVX2 the row pairs made (4096, 64) 7-15% slower (two 256-bit loads a cycle: the
+ * loads were not the bound). */
+#define BN_V512_PATHS (BN_VBYTES == 64)
+#if BN_V512_PATHS
+
+/* Two rows of a run across n channels (unit strides, no mask, ordinary stores), their
+ * whole vectors, each column's coefficient vectors loaded once for both rows: a row alone
+ * loads up to four coefficient vectors for each of its vectors, and on cores that take one
+ * 512-bit load a cycle those loads bound the loop. The same arithmetic, lane by lane, as FN(elementwise). One
+ * thread, (4096, 64) float32 inference 43 -> 39 us, backward 100 -> 93, (64, 128) 3-4%
+ * faster. */
+BN_ALWAYS_INLINE void FN(ew_row_pair)(int op, ptrdiff_t n, const BN_T *x0, const BN_T *x1,
+                                      const BN_T *dy0, const BN_T *dy1, const BN_T *z0,
+                                      const BN_T *z1, int relu, BN_T *out0, BN_T *out1,
+                                      const BN_CT *m, const BN_CT *a, const BN_CT *b,
+                                      const BN_CT *c)
+{
+    const BN_V zero = BN_VSET1(0);
+    ptrdiff_t j;
+    for (j = 0; j + BN_W <= n; j += BN_W) {
+        BN_V cm = BN_EW_USES(op, 0) ? BN_VLDC(m + j) : zero;
+        BN_V ca = BN_EW_USES(op, 1) ? BN_VLDC(a + j) : zero;
+        BN_V cb = BN_EW_USES(op, 2) ? BN_VLDC(b + j) : zero;
+        BN_V cc = BN_EW_USES(op, 3) ? BN_VLDC(c + j) : zero;
+        BN_V y0 = FN(ew_vec)(op, BN_COEFS_ONE, x0, dy0, z0, relu, NULL, m, a, b, c, cm, ca, cb,
+                             cc, j, 0, 0, 0);
+        BN_V y1 = FN(ew_vec)(op, BN_COEFS_ONE, x1, dy1, z1, relu, NULL, m, a, b, c, cm, ca, cb,
+                             cc, j, 0, 0, 0);
+        BN_VST(out0 + j, y0), BN_VST(out1 + j, y1);
+    }
+    if (j < n) { /* each row's last columns, with the driver's tail */
+#define BN_RP_AT(p, j) ((p) ? (p) + (j) : (p))
+        FN(elementwise)(op, BN_COEFS_EACH, n - j, 1, 0, BN_RP_AT(x0, j), 1, BN_RP_AT(dy0, j), 1,
+                        BN_RP_AT(z0, j), 1, relu, NULL, out0 + j, 1, BN_RP_AT(m, j),
+                        BN_RP_AT(a, j), BN_RP_AT(b, j), BN_RP_AT(c, j), 0, 0);
+        FN(elementwise)(op, BN_COEFS_EACH, n - j, 1, 0, BN_RP_AT(x1, j), 1, BN_RP_AT(dy1, j), 1,
+                        BN_RP_AT(z1, j), 1, relu, NULL, out1 + j, 1, BN_RP_AT(m, j),
+                        BN_RP_AT(a, j), BN_RP_AT(b, j), BN_RP_AT(c, j), 0, 0);
+#undef BN_RP_AT
+    }
+}
+
+/* A planar row: cn channels' runs of len elements each (len a multiple of BN_W), one after
+ * the other in x, dy, z and out (unit strides), out not on a vector boundary. Written in
+ * vectors aligned to out after a masked head, each channel's last vector taking its last
+ * lanes' coefficients from the next channel (one blend per coefficient and channel): runs
+ * of a few vectors (8x8 images) otherwise straddle a cache line with every access where
+ * NumPy puts its arrays (16 bytes into a line). The same arithmetic, lane by lane, as
+ * FN(elementwise) with BN_COEFS_ONE. One thread, (8, 32, 8, 8) float32 at NumPy's
+ * offset: training forward 3.9 -> 3.5 us, inference 1.7 -> 1.3, backward 5.8 -> 4.9;
+ * (64, 8, 4, 4) inference 1.7 -> 1.1, backward 4.7 -> 3.1. */
+BN_ALWAYS_INLINE void FN(ew_planar_row)(int op, ptrdiff_t cn, ptrdiff_t len, const BN_T *x,
+                                        const BN_T *dy, const BN_T *z, int relu, BN_T *out,
+                                        const BN_CT *m, const BN_CT *a, const BN_CT *b,
+                                        const BN_CT *c)
+{
+    const ptrdiff_t h = BN_TO_BOUNDARY(out);
+    const BN_V zero = BN_VSET1(0);
+    ptrdiff_t i, k;
+#define BN_PR_COEF(q, p, k) (BN_EW_USES(op, q) ? BN_VSET1((p)[k]) : zero)
+    BN_V vm = BN_PR_COEF(0, m, 0), va = BN_PR_COEF(1, a, 0), vb = BN_PR_COEF(2, b, 0);
+    BN_V vc = BN_PR_COEF(3, c, 0);
+#define BN_PR_VEC(i, tail, r)                                                                     \
+    FN(ew_vec)(op, BN_COEFS_ONE, x, dy, z, relu, NULL, m, a, b, c, vm, va, vb, vc, i, 0, tail, r)
+    BN_VST_N(out, BN_PR_VEC(0, 1, h), h);
+    for (i = h, k = 0; k < cn; ++k) {
+        const ptrdiff_t end = (k + 1) * len;
+        for (; i + BN_W <= end; i += BN_W) BN_VST(out + i, BN_PR_VEC(i, 0, 0));
+        if (k + 1 == cn) { /* the row's last W - h elements */
+            BN_VST_N(out + i, BN_PR_VEC(i, 1, end - i), end - i);
+            break;
+        }
+        {
+            BN_V nm = BN_PR_COEF(0, m, k + 1), na = BN_PR_COEF(1, a, k + 1);
+            BN_V nb = BN_PR_COEF(2, b, k + 1), nc = BN_PR_COEF(3, c, k + 1);
+            BN_V bm = BN_VBLEND_LAST(vm, nm, h), ba = BN_VBLEND_LAST(va, na, h);
+            BN_V bb = BN_VBLEND_LAST(vb, nb, h), bc = BN_VBLEND_LAST(vc, nc, h);
+            BN_VST(out + i, FN(ew_vec)(op, BN_COEFS_ONE, x, dy, z, relu, NULL, m, a, b, c, bm,
+                                       ba, bb, bc, i, 0, 0, 0));
+            i += BN_W;
+            vm = nm, va = na, vb = nb, vc = nc;
+        }
+    }
+#undef BN_PR_VEC
+#undef BN_PR_COEF
+}
+#endif /* BN_V512_PATHS */
+#endif /* BN_SIMD */
 
 /* Rows across channels (BN_COEFS_EACH) of at least BN_ALIGN_MIN_RUN vectors are written
  * with the driver's `long_run`: the elements before out's first vector boundary first (one

@@ -349,14 +349,9 @@ BN_ALWAYS_INLINE void FN(affine_rows)(const bn_unit *w, ptrdiff_t c, ptrdiff_t n
         for (; o + 1 < end; o += 2) { /* see FN(ew_row_pair) */
             const BN_T *v = BN_AT(x, xs, o, c, 0), *zr = z ? BN_AT(z, zs, o, c, 0) : z;
             BN_T *r = BN_AT(y, ys, o, c, 0);
-            ptrdiff_t j = FN(ew_row_pair)(BN_OP_AFFINE, n, v, v + xs.outer, NULL, NULL, zr,
-                                          z ? zr + zs.outer : z, relu, r, r + ys.outer, m + c,
-                                          a + c, b + c, NULL);
-            for (q = 0; j < n && q < 2; ++q)
-                FN(elementwise)(BN_OP_AFFINE, BN_COEFS_EACH, n - j, 1, 0, v + q * xs.outer + j, 1,
-                                NULL, 0, z ? zr + q * zs.outer + j : z, 1, relu, NULL,
-                                r + q * ys.outer + j, 1, m + c + j, a + c + j, b + c + j, NULL, 0,
-                                0);
+            FN(ew_row_pair)(BN_OP_AFFINE, n, v, v + xs.outer, NULL, NULL, zr,
+                            z ? zr + zs.outer : z, relu, r, r + ys.outer, m + c, a + c, b + c,
+                            NULL);
         }
 #endif
     for (; o < end; ++o) {
@@ -544,19 +539,16 @@ BN_ALWAYS_INLINE void FN(dx_rows)(const bn_unit *w, ptrdiff_t k, ptrdiff_t n, in
     if (!wide && !long_run && !mk && !e->stream && dys.channel == 1 && dxs.channel == 1 &&
         (!b || xs.channel == 1))
         for (; o + 1 < end; o += 2) { /* see FN(ew_row_pair) */
-            const BN_T *g = BN_AT(dy, dys, o, k, 0), *v = b ? BN_AT(x, xs, o, k, 0) : NULL;
+            const BN_T *g = BN_AT(dy, dys, o, k, 0);
             BN_T *d = BN_AT(dx, dxs, o, k, 0);
-            int op = b ? BN_OP_DX : BN_OP_SCALE;
-            ptrdiff_t j = b ? FN(ew_row_pair)(BN_OP_DX, n, v, v + xs.outer, g, g + dys.outer, NULL,
-                                              NULL, 0, d, d + dxs.outer, m + k, a + k, b + k,
-                                              c + k)
-                            : FN(ew_row_pair)(BN_OP_SCALE, n, NULL, NULL, g, g + dys.outer, NULL,
-                                              NULL, 0, d, d + dxs.outer, NULL, a + k, NULL, NULL);
-            for (q = 0; j < n && q < 2; ++q)
-                FN(elementwise)(op, BN_COEFS_EACH, n - j, 1, 0, v ? v + q * xs.outer + j : v, 1,
-                                g + q * dys.outer + j, 1, NULL, 0, 0, NULL, d + q * dxs.outer + j,
-                                1, b ? m + k + j : NULL, a + k + j, b ? b + k + j : NULL,
-                                b ? c + k + j : NULL, 0, 0);
+            if (b) {
+                const BN_T *v = BN_AT(x, xs, o, k, 0);
+                FN(ew_row_pair)(BN_OP_DX, n, v, v + xs.outer, g, g + dys.outer, NULL, NULL, 0, d,
+                                d + dxs.outer, m + k, a + k, b + k, c + k);
+            } else {
+                FN(ew_row_pair)(BN_OP_SCALE, n, NULL, NULL, g, g + dys.outer, NULL, NULL, 0, d,
+                                d + dxs.outer, NULL, a + k, NULL, NULL);
+            }
         }
 #endif
     for (; o < end; ++o) {
