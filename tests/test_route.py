@@ -6,6 +6,9 @@ route."""
 
 from __future__ import annotations
 
+import gc
+import sys
+
 import numpy as np
 import pytest
 from conftest import assert_out_close
@@ -283,6 +286,42 @@ def test_every_rule_raises_before_writing(call, exc, match):
     with pytest.raises(exc, match=match):
         call(out)
     assert (out == 7.0).all()
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
+def test_calls_hold_their_arguments_only_while_they_run():
+    """The route reads ndarrays through their fields and holds a reference to each while a
+    call runs: after every call, returned or raised, each argument's count is what it was."""
+    out = np.full((4, 3), 7.0, np.float32)
+    dy = np.full((4, 3), 0.5, np.float32)
+    g32, g16 = GAMMA[:3].astype(np.float32), GAMMA[:3].astype(np.float16)
+    mask = np.array([True, False, True, True])
+    mean32, var32 = M3.astype(np.float32), V3.astype(np.float32)
+    x16 = X.astype(np.float16)
+    arrays = (X, M3, V3, out, dy, g32, g16, mask, mean32, var32, x16)
+    before = [sys.getrefcount(a) for a in arrays]
+    for call, exc, _ in ERRORS:
+        with pytest.raises(exc):
+            call(out)
+    layer = bn.BatchNorm(3)
+    for _ in range(3):
+        bn.forward_eval(X, M3, V3, g32, g16)
+        bn.forward_eval(X, mean32, var32, out=out)
+        bn.forward_eval(x16, M3, V3, g16)
+        st = bn.forward_train(X, g32, out=out)[1]
+        bn.forward_train(X, g32, residual=dy, activation="relu")
+        bn.backward(dy, X, st, g32)
+        bn.backward(dy, X, st, g16, out=out, mask=mask)
+        bn.batch_stats(X, mask=mask)
+        _kernels.sample(X, 5)
+        layer(X)
+        layer.backward(dy)
+        layer.eval()(X)
+        layer.train()
+        del st
+    del layer  # it keeps its last training input for backward
+    gc.collect()
+    assert [sys.getrefcount(a) for a in arrays] == before
 
 
 def test_read_only_out_is_refused():
