@@ -11,7 +11,10 @@
  * thread stalls the whole call. Measured on the 2-core development machine (float32, C
  * harness, best of 3000): with 32768 elements a second thread made training backward
  * (3 passes) 15-25% faster and the forward (2 passes) 5-10% faster, but inference (1 pass)
- * 5-15% slower; at 65536 elements every operation gained 10-35%. */
+ * 5-15% slower; at 65536 elements every operation gained 10-35%. Below that, a region
+ * with two work-sharing loops (about 1 us there) costs what a second thread saves: the
+ * 8192- and 16384-element backward split over both cores took 4.2 and 4.5 us against 3.4
+ * and 4.9 on one (docs/performance.rst). */
 #ifndef BN_PARALLEL_MIN_WORK
 #define BN_PARALLEL_MIN_WORK 65536
 #endif
